@@ -1,0 +1,51 @@
+# The verbs a newcomer needs. Every target creates or reuses .venv first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dat-ds-installed
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export WANDB_MODE ?= offline
+export WANDB_SILENT ?= true
+NPROC ?= 2
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+# torch first (its pinned release comes from local disk), then deepspeed built against it without build
+# isolation, then the project with its pins.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]' pyautoattack==0.2.0 matplotlib scipy
+	touch $(STAMP)
+
+data/digits/index.json: | $(STAMP)
+	$(PY) -m data_prep.digits data/digits
+
+# The demo: DAT-PGD with 2 ranks through the deepspeed launcher, a standard-trained model on the same split,
+# and the results table. Re-running it starts the demo runs afresh (runs/demo/ is the demo's own folder).
+demo: setup data/digits/index.json
+	rm -rf runs/demo
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --module dat_ds.train recipes/digits_dat_pgd.toml --set out_dir=runs/demo
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --module dat_ds.train recipes/digits_standard.toml --set out_dir=runs/demo
+	$(PY) -m dat_ds.report runs/demo/digits_dat_pgd runs/demo/digits_standard
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not launcher" tests
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) -m bench.loader --out bench/results/loader.md
+
+clean:
+	rm -rf runs .cache .pytest_cache

@@ -1,0 +1,78 @@
+"""l-inf attacks as pure functions in [0,1] pixel space.
+
+They differentiate with ``torch.autograd.grad(loss, delta)`` only: parameter ``.grad`` is never touched, so they
+are safe between DeepSpeed micro-steps. Pass the bare module (``engine.module``), never the engine: its forward
+installs backward hooks that a ``.grad`` call would trip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@contextlib.contextmanager
+def bn_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Run the attack with BatchNorm in ``mode`` ("train" or "eval"), then restore the model's mode."""
+    was_training = model.training
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _project(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
+    # Clamp to the eps-ball, then to the image box [0,1].
+    return (x + delta.clamp(-eps, eps)).clamp(0, 1) - x
+
+
+def _input_grad(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    delta.requires_grad_(True)
+    logits = model((x + delta).to(_param_dtype(model)))
+    loss = F.cross_entropy(logits.float(), y)
+    (grad,) = torch.autograd.grad(loss, [delta])
+    return grad
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
+        rand_init: bool = True, restarts: int = 1) -> torch.Tensor:
+    """PGD-K (Madry et al. 2018). With restarts, keeps per example the first perturbation that fools the model."""
+    x = x.detach().float()
+    best = x.clone()
+    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    for _ in range(restarts):
+        delta = torch.empty_like(x).uniform_(-eps, eps) if rand_init else torch.zeros_like(x)
+        delta = _project(x, delta, eps)
+        for _ in range(steps):
+            g = _input_grad(model, x, delta, y)
+            delta = _project(x, delta.detach() + step_size * g.sign(), eps)
+        x_adv = (x + delta).detach()
+        if restarts == 1:
+            return x_adv
+        with torch.no_grad():
+            wrong = model(x_adv.to(_param_dtype(model))).argmax(1) != y
+        take = wrong & ~fooled
+        best[take] = x_adv[take]
+        best[~fooled & ~wrong] = x_adv[~fooled & ~wrong]
+        fooled |= wrong
+    return best
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
+         rand_init: bool = True) -> torch.Tensor:
+    """FGSM with random start ("Fast is better than free", Wong et al. 2020: step 1.25 eps)."""
+    x = x.detach().float()
+    delta = torch.empty_like(x).uniform_(-eps, eps) if rand_init else torch.zeros_like(x)
+    delta = _project(x, delta, eps)
+    g = _input_grad(model, x, delta, y)
+    return (x + _project(x, delta.detach() + step_size * g.sign(), eps)).detach()

@@ -1,0 +1,118 @@
+"""Checkpoints that resume a run exactly, and survive a kill at any moment.
+
+DeepSpeed saves weights, optimizer, LR schedule and step counters. dat-ds adds, per rank, what an exact resume
+also needs (RNG states, data position, the epoch's running sums) in ``dat_rank{r}.pt`` (tensors only, read with
+``weights_only=True``). A checkpoint counts only once rank 0 has written ``COMPLETE`` into its folder, after every
+rank finished writing; ``latest`` is then replaced atomically. ``--resume auto`` trusts ``COMPLETE`` markers,
+never ``latest`` (DeepSpeed writes it before all ranks are done), so a kill during a save falls back to the
+previous checkpoint. Older complete checkpoints beyond ``keep`` are removed only after a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+RANK_FILE = "dat_rank{}.pt"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    npy = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python_version": py[0],
+        "python_state": torch.tensor(py[1], dtype=torch.int64),
+        "numpy_keys": torch.from_numpy(npy[1].astype(np.int64)),
+        "numpy_pos": npy[2],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(int(v) for v in state["python_state"].tolist()), None))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, keep: int, rank: int, world: int):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = max(1, keep)
+        self.rank, self.world = rank, world
+
+    def complete_tags(self) -> list[tuple[int, str]]:
+        """(global_step, tag) of every complete checkpoint, oldest first."""
+        out = []
+        if self.dir.is_dir():
+            for d in self.dir.iterdir():
+                marker = d / MARKER
+                if d.is_dir() and marker.is_file():
+                    try:
+                        meta = json.loads(marker.read_text())
+                    except (json.JSONDecodeError, OSError):
+                        continue
+                    out.append((int(meta["global_step"]), d.name))
+        return sorted(out)
+
+    def latest(self) -> str | None:
+        tags = self.complete_tags()
+        return tags[-1][1] if tags else None
+
+    def save(self, engine, tag: str, client_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        """Collective: every rank calls it."""
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state={"dat": client_state}, save_latest=False)
+        path = self.dir / tag / RANK_FILE.format(self.rank)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(rank_state, tmp)
+        os.replace(tmp, path)
+        dist.barrier()  # every rank's files are on disk
+        if self.rank == 0:
+            meta = {"global_step": client_state["global_step"], "epoch": client_state["epoch"],
+                    "step_in_epoch": client_state["step_in_epoch"], "world_size": self.world}
+            _atomic_write_text(self.dir / tag / MARKER, json.dumps(meta))
+            _atomic_write_text(self.dir / "latest", tag)
+            self._prune(tag)
+        dist.barrier()
+
+    def _prune(self, newest: str) -> None:
+        # Runs inside the collective save, so no other save is in flight: folders without a marker are leftovers
+        # of killed saves.
+        keep = {t for _, t in self.complete_tags()[-self.keep :]} | {newest}
+        for d in self.dir.iterdir():
+            if d.is_dir() and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def load(self, engine, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        meta = json.loads((self.dir / tag / MARKER).read_text())
+        if meta["world_size"] != self.world:
+            raise SystemExit(
+                f"checkpoint {self.dir / tag} was written by {meta['world_size']} ranks, this run has {self.world}; "
+                "an exact resume needs the same world size (start a new run to change it)"
+            )
+        _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_module_strict=True,
+                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+        rank_state = torch.load(self.dir / tag / RANK_FILE.format(self.rank), weights_only=True)
+        return client["dat"], rank_state

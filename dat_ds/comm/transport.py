@@ -1,0 +1,194 @@
+"""The transport: the only code in dat-ds that moves gradients between ranks.
+
+``ps``  a sharded parameter server. The flat gradient is cut into ``world`` chunks (block-aligned); rank ``j``
+        owns chunk ``j``. Every rank encodes each chunk and sends it to its owner (all-to-all, receives posted
+        before sends: gloo runs its own all_to_all at half line rate because it posts sends first); the owner
+        decodes and sums the ``world`` copies in fp32, divides by ``world``, and sends the mean back to everyone:
+        as fp32 ("1-sided": only uploads are compressed) or re-encoded ("2-sided"). Each rank also decodes its own
+        re-encoded chunk, so all ranks end bit-identical.
+``hpc`` a plain ring all-reduce, in fp32 (bits 32) or fp16 (bits 16).
+
+Large tensors go in rounds of at most ``bucket_mb`` so the buffers stay small. Payloads are uint8 (gloo has no
+int16 collectives). Bytes are counted where they are posted: ``bytes_sent``/``bytes_recv`` are what this rank
+handed to and took from the network (for ``hpc``, the ring algorithm's 2(W-1)/W of the buffer each way).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .codec import Codec, ErrorFeedback
+
+
+@dataclass
+class CommStats:
+    calls: int = 0
+    numel: int = 0  # gradient values reduced
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    seconds: float = 0.0
+
+    def snapshot(self) -> CommStats:
+        return CommStats(**vars(self))
+
+    def since(self, earlier: CommStats) -> CommStats:
+        return CommStats(**{k: getattr(self, k) - getattr(earlier, k) for k in vars(self)})
+
+
+def _sync(device: torch.device) -> None:
+    # Host-device sync so wall time covers the kernels and transfers (CUDA is asynchronous).
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class GradientReducer:
+    """Averages a flat gradient across the group, in place, with the configured codec and topology."""
+
+    def __init__(self, *, bits: int = 32, two_sided: bool = False, topology: str = "hpc",
+                 rounding: str = "nearest", error_feedback: bool = False, block_size: int = 256,
+                 bucket_mb: float = 25.0, seed: int = 0):
+        if topology == "hpc" and bits not in (32, 16):
+            raise ValueError("topology 'hpc' carries 32 or 16 bits; use 'ps' for fewer")
+        self.topology = topology
+        self.two_sided = two_sided
+        self.codec = Codec(bits=bits, block=block_size, rounding=rounding)
+        # The aggregate goes back at the upload's precision (2-sided) or in fp32 (1-sided).
+        self.down_codec = self.codec if two_sided else Codec(bits=32, block=block_size)
+        self.error_feedback = error_feedback
+        self.worker_ef = ErrorFeedback()
+        self.server_ef = ErrorFeedback()
+        self.bucket_numel = max(block_size, int(bucket_mb * 2**20 / 4) // block_size * block_size)
+        self.stats = CommStats()
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def reset_state(self) -> None:
+        """Forget error-feedback residuals (checkpoint load, skipped step)."""
+        self.worker_ef.reset()
+        self.server_ef.reset()
+
+    def _gen(self, device: torch.device) -> torch.Generator | None:
+        if self.codec.rounding != "stochastic":
+            return None
+        if self._generator is None or self._generator.device != device:
+            # Per-rank stream, separate from the training RNG so compression never shifts the attack's noise.
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed * 1000 + 17 + rank)
+        return self._generator
+
+    # ------------------------------------------------------------------------------------------------ entry
+
+    def reduce_(self, flat: torch.Tensor, group=None, key: object = 0) -> torch.Tensor:
+        """Replace ``flat`` (any float dtype, 1-D) with its mean over the group."""
+        world = dist.get_world_size(group)
+        _sync(flat.device)
+        t0 = time.perf_counter()
+        work = flat if flat.dtype == torch.float32 else flat.float()
+        if world > 1:
+            if self.topology == "hpc":
+                self._hpc(work, world, group)
+            else:
+                for r, start in enumerate(range(0, work.numel(), self.bucket_numel * world)):
+                    piece = work[start : start + self.bucket_numel * world]
+                    self._ps_round(piece, world, group, (key, r))
+        if work is not flat:
+            flat.copy_(work)
+        _sync(flat.device)
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.calls += 1
+        self.stats.numel += flat.numel()
+        return flat
+
+    # ---------------------------------------------------------------------------------------------- topologies
+
+    def _hpc(self, x: torch.Tensor, world: int, group) -> None:
+        if self.codec.bits == 16:
+            wire = x.to(torch.float16).div_(world)
+            dist.all_reduce(wire, group=group)
+            x.copy_(wire)
+        else:
+            x.div_(world)
+            dist.all_reduce(x, group=group)
+            wire = x
+        ring = 2 * (world - 1) * wire.numel() * wire.element_size() // world
+        self.stats.bytes_sent += ring
+        self.stats.bytes_recv += ring
+
+    def _exchange(self, send: list[torch.Tensor | None], recv: list[torch.Tensor | None], group) -> None:
+        """Point-to-point to every peer: all receives posted first, then the sends."""
+        ops = []
+        for peer, buf in enumerate(recv):
+            if buf is not None:
+                ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(group, peer) if group else peer, group))
+        for peer, buf in enumerate(send):
+            if buf is not None:
+                ops.append(dist.P2POp(dist.isend, buf, dist.get_global_rank(group, peer) if group else peer, group))
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        self.stats.bytes_sent += sum(b.numel() for b in send if b is not None)
+        self.stats.bytes_recv += sum(b.numel() for b in recv if b is not None)
+
+    def _ps_round(self, x: torch.Tensor, world: int, group, key: object) -> None:
+        me = dist.get_rank(group)
+        block = self.codec.block
+        n = x.numel()
+        chunk = -(-n // (world * block)) * block  # values per owner, block-aligned
+        padded = torch.zeros(chunk * world, dtype=torch.float32, device=x.device)
+        padded[:n] = x
+        gen = self._gen(x.device)
+
+        # Upload: encode every chunk (with the worker-side residual), send chunk j to rank j.
+        target = self.worker_ef.add_residual(key, padded) if self.error_feedback else padded
+        up = self.codec
+        up_bytes = up.encoded_nbytes(chunk)
+        enc = torch.empty(world, up_bytes, dtype=torch.uint8, device=x.device)
+        for j in range(world):
+            up.encode(target[j * chunk : (j + 1) * chunk], out=enc[j], generator=gen)
+        if self.error_feedback:
+            sent = torch.cat([up.decode(enc[j], chunk) for j in range(world)])
+            self.worker_ef.store(key, target, sent)
+        inbox = torch.empty(world, up_bytes, dtype=torch.uint8, device=x.device)
+        inbox[me].copy_(enc[me])
+        self._exchange([enc[j] if j != me else None for j in range(world)],
+                       [inbox[j] if j != me else None for j in range(world)], group)
+
+        # Owner: fp32 sum of the decoded copies, in rank order (same on every run), then the mean.
+        agg = torch.zeros(chunk, dtype=torch.float32, device=x.device)
+        for j in range(world):
+            up.decode(inbox[j], chunk, out=agg, accumulate=True)
+        agg.div_(world)
+
+        # Download: the mean goes back in fp32 (1-sided) or re-encoded with the server-side residual (2-sided).
+        down = self.down_codec
+        if self.two_sided and self.error_feedback:
+            agg_t = self.server_ef.add_residual(key, agg)
+        else:
+            agg_t = agg
+        down_bytes = down.encoded_nbytes(chunk)
+        mine = down.encode(agg_t, generator=gen)
+        outbox = torch.empty(world, down_bytes, dtype=torch.uint8, device=x.device)
+        outbox[me].copy_(mine)
+        self._exchange([mine if j != me else None for j in range(world)],
+                       [outbox[j] if j != me else None for j in range(world)], group)
+        for j in range(world):
+            down.decode(outbox[j], chunk, out=padded[j * chunk : (j + 1) * chunk])
+        if self.two_sided and self.error_feedback:
+            self.server_ef.store(key, agg_t, padded[me * chunk : (me + 1) * chunk])
+        x.copy_(padded[:n])
+
+    # ------------------------------------------------------------------------------------------------ theory
+
+    def theory_bytes(self, numel: int, world: int) -> float:
+        """Bytes per rank (sent + received) by the paper's count: b/8 bytes a value, no scales, no padding."""
+        if world == 1:
+            return 0.0
+        if self.topology == "hpc":
+            return 2 * 2 * (world - 1) / world * numel * self.codec.bits / 8
+        # Each rank uploads (W-1)/W of the values and downloads (W-1)/W of the mean, and receives as much.
+        return 2 * (world - 1) / world * numel * (self.codec.bits + self.down_codec.bits) / 8

@@ -1,0 +1,301 @@
+"""One typed, frozen config tree per run.
+
+A recipe (TOML under ``recipes/``) picks values; these dataclasses check them. An unknown key is an error that
+names the key and the closest valid one; a wrong type names the expected one. The resolved tree is saved in the
+run folder, in wandb and in every checkpoint (``to_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A recipe value a user must fix; the message says what and how."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = ""  # folder with index.json written by data_prep/
+    augment: Literal["none", "cifar", "imagenet"] = "none"
+    image_size: int = 0  # 0: native size from the index
+    workers: int = 0  # DataLoader workers per rank
+    shuffle_buffer: int = 1000
+    eval_limit: int = 0  # evaluate on the first N test samples only (0: all)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.shards), "data.shards is empty: point it at a folder made by data_prep/ (has index.json)")
+        _check(self.workers >= 0, f"data.workers={self.workers} must be >= 0")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "dat_digits_cnn"  # any timm model name, or one registered by dat_ds.models
+    pretrained: bool = False
+    channels_last: bool = False  # on by default only where it pays (CUDA); see engine.py
+    drop_rate: float = 0.0
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    method: Literal["pgd", "fgsm", "none"] = "pgd"
+    eps: float = 8 / 255  # l-inf radius in [0,1] pixel space
+    step_size: float = 2 / 255  # PGD step; FGSM uses fgsm_step_ratio * eps
+    steps: int = 10
+    rand_init: bool = True
+    fgsm_step_ratio: float = 1.25  # Fast AT (Wong et al. 2020)
+    bn_mode: Literal["train", "eval"] = "eval"  # BatchNorm mode while the attack runs
+
+    def __post_init__(self) -> None:
+        _check(self.eps >= 0, f"attack.eps={self.eps} must be >= 0")
+        _check(self.steps >= 1, f"attack.steps={self.steps} must be >= 1")
+        _check(self.step_size > 0, f"attack.step_size={self.step_size} must be > 0")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    clean_weight: float = 1.0  # lambda in lambda*CE(clean) + CE(adv); 0 is Madry AT, DAT's code uses 1
+
+    def __post_init__(self) -> None:
+        _check(self.clean_weight >= 0, "loss.clean_weight must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd", "lalr"] = "sgd"
+    lr: float = 0.1  # at the reference batch size; see lr_scale
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    wd_on_norm_and_bias: bool = False  # ndim <= 1 tensors get weight decay?
+    # LALR (LAMB-style layer-wise adaptive learning rate)
+    lalr_moments: Literal["adam", "momentum"] = "adam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-6
+    c_lower: float = 0.0
+    c_upper: float = 10.0
+    adapt_norm_and_bias: bool = True  # apply the trust ratio to ndim <= 1 tensors too (DAT's code does)
+    # schedule, in epochs
+    warmup_epochs: float = 0.0
+    schedule: Literal["constant", "multistep", "cosine"] = "multistep"
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
+    # large-batch scaling: lr * (global_batch / lr_ref_batch) ** exponent
+    lr_scale: Literal["none", "linear", "sqrt"] = "none"
+    lr_ref_batch: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _check(0 <= self.c_lower <= self.c_upper, "optim.c_lower <= optim.c_upper must hold (tau clips to [c_l, c_u])")
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
+        _check(list(self.milestones) == sorted(self.milestones), "optim.milestones must be increasing")
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    bits: Literal[32, 16, 8, 4] = 32
+    two_sided: bool = False  # also quantize the aggregate sent back
+    topology: Literal["ps", "hpc"] = "hpc"  # sharded parameter server, or plain all-reduce
+    rounding: Literal["nearest", "stochastic"] = "nearest"
+    error_feedback: bool = False
+    block_size: int = 256  # values per quantization scale
+    bucket_mb: float = 25.0  # flat bucket size the engine hands to the reducer
+
+    def __post_init__(self) -> None:
+        if self.topology == "hpc":
+            _check(
+                self.bits in (32, 16),
+                f"comm.bits={self.bits} with comm.topology='hpc': an all-reduce sums in the wire format, "
+                "so it carries only 32 or 16 bits; use topology='ps' for 8 or 4 bits",
+            )
+            _check(not self.two_sided, "comm.two_sided needs comm.topology='ps'")
+        _check(self.block_size >= 8 and self.block_size % 2 == 0, "comm.block_size must be even and >= 8")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_epochs: int = 1
+    pgd_steps: int = 20
+    pgd_step_size: float = 0.0  # 0: 2.5 * eps / steps (Madry)
+    pgd_restarts: int = 1
+    batch_size: int = 256  # per rank
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    global_batch_size: int = 128  # over all ranks and accumulation steps: the batch the paper reports
+    micro_batch_size: int = 64  # per rank per forward; accumulation = global / (micro * world)
+    seed: int = 0
+    deterministic: bool = False
+    ds_config: str = "auto"  # ds_configs/*.json; auto: zero0_bf16 on CUDA, zero0_fp32 elsewhere
+    gradient_clipping: float = 0.0
+    log_every: int = 0  # steps between progress lines (0: about 10 per epoch)
+    max_steps_per_epoch: int = 0  # cap for smoke tests (0: a full pass)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
+        _check(self.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+        _check(
+            self.global_batch_size % self.micro_batch_size == 0,
+            f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={self.micro_batch_size}",
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_epochs: int = 1
+    every_steps: int = 0  # also save mid-epoch every N optimizer steps (0: off)
+    keep: int = 2  # complete checkpoints kept (older ones are removed once a newer one is complete)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    wandb_mode: Literal["online", "offline", "disabled", "env"] = "env"  # env: $WANDB_MODE, else offline
+    project: str = "dat-ds"
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=lambda: DataConfig(shards="data/digits"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: Any) -> RunConfig:
+        return dataclasses.replace(self, **sections)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}={value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where} must have {len(args)} entries, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{where}] must be a table, got {type(value).__name__}")
+        return _build(tp, value, where)
+    raise AssertionError(f"unsupported config type {tp} at {where}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{where}.{key}" if where else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown recipe key '{full}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.epochs=3)")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string
+    return key.strip().split("."), value
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a TOML recipe, apply ``section.key=value`` overrides, check everything."""
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} does not exist; pick one under recipes/")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"recipe {path} is not valid TOML: {e}") from None
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{k}' is not a section")
+        node[keys[-1]] = value
+    if "data" in values and isinstance(values["data"], dict) and "shards" not in values["data"]:
+        raise ConfigError("data.shards is missing: point it at a folder made by data_prep/ (has index.json)")
+    return _build(RunConfig, values)
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Rebuild a config saved by ``to_dict`` (checkpoints, run folders)."""
+    return _build(RunConfig, values)

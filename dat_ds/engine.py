@@ -1,0 +1,99 @@
+"""Building the DeepSpeed engine from a recipe.
+
+The recipe owns batch sizes, learning rate, optimizer and schedule; ``ds_configs/*.json`` owns engine concerns
+(ZeRO stage, precision, monitors). A ds_config that sets what the recipe owns is refused, so no value lives in two
+places.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, RunConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPE_OWNED = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+    "scheduler", "gradient_clipping",
+)
+
+
+def resolve_ds_config_path(cfg: RunConfig) -> Path:
+    name = cfg.train.ds_config
+    if name == "auto":
+        name = "zero0_bf16.json" if torch.cuda.is_available() else "zero0_fp32.json"
+    path = Path(name)
+    if not path.is_file() and not path.is_absolute():
+        path = REPO_ROOT / "ds_configs" / Path(name).name
+    if not path.is_file():
+        raise ConfigError(f"train.ds_config='{cfg.train.ds_config}' not found; pick a file in ds_configs/")
+    return path
+
+
+def gradient_accumulation(cfg: RunConfig, world: int) -> int:
+    per_step = cfg.train.micro_batch_size * world
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by micro_batch_size x "
+            f"world size = {cfg.train.micro_batch_size} x {world}; pick a global batch that is a multiple of "
+            f"{per_step}, or another micro_batch_size"
+        )
+    return cfg.train.global_batch_size // per_step
+
+
+def build_ds_config(cfg: RunConfig, world: int) -> dict[str, Any]:
+    path = resolve_ds_config_path(cfg)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    ds = {k: v for k, v in ds.items() if not k.startswith("_")}
+    clash = [k for k in RECIPE_OWNED if k in ds]
+    if clash:
+        raise ConfigError(
+            f"{path} sets {', '.join(clash)}; these belong to the recipe (train.global_batch_size, "
+            "train.micro_batch_size, optim.*, train.gradient_clipping). Remove them from the ds_config."
+        )
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage != 0 and (cfg.comm.bits != 32 or cfg.comm.topology != "hpc"):
+        raise ConfigError(f"{path}: ZeRO stage {stage} cannot carry compressed communication (comm.bits="
+                          f"{cfg.comm.bits}, topology={cfg.comm.topology}); use ds_configs/zero0_*.json")
+    if stage != 0 and cfg.optim.name == "lalr":
+        raise ConfigError(f"{path}: ZeRO stage {stage} hands the optimizer flat partitions, so LALR's layer-wise "
+                          "norms would be wrong; use ds_configs/zero0_*.json")
+    if ds.get("bf16", {}).get("enabled") and not torch.cuda.is_available():
+        raise ConfigError(f"{path} enables bf16 but no CUDA device is present; use train.ds_config='auto'")
+    ds["train_batch_size"] = cfg.train.global_batch_size
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+    ds["gradient_accumulation_steps"] = gradient_accumulation(cfg, world)
+    if cfg.train.gradient_clipping > 0:
+        ds["gradient_clipping"] = cfg.train.gradient_clipping
+    return ds
+
+
+def skip_cpu_shm_build() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory comm op (~60 s) that training never uses.
+
+    Replace its builder with the "op unavailable" answer it already handles; GPU backends never build it.
+    """
+    import importlib
+
+    # Not ``import deepspeed.comm.torch``: the package re-exports the name ``torch``, which shadows the submodule.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    if not torch.cuda.is_available():
+        ds_torch.build_shm_op = lambda: None
+
+
+def init_distributed() -> None:
+    import deepspeed
+
+    skip_cpu_shm_build()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

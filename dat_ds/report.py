@@ -1,0 +1,86 @@
+"""Results tables from run folders, in the layout of the paper's Table 1.
+
+    python -m dat_ds.report runs/demo/digits_dat_pgd runs/demo/digits_standard [--out table.md]
+
+TA and RA come from the last epoch in ``metrics.jsonl`` (or from ``eval.json`` where the evaluation command wrote
+one, which adds AA); T and C are the mean training and communication seconds per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _method(cfg: dict) -> str:
+    a = cfg["attack"]["method"]
+    name = {"pgd": f"DAT-PGD-{cfg['attack']['steps']}", "fgsm": "DAT-FGSM", "none": "standard"}[a]
+    if cfg["optim"]["name"] == "lalr":
+        name += " +LALR"
+    c = cfg["comm"]
+    if c["bits"] != 32:
+        name += f" {c['bits']}b{'-2s' if c['two_sided'] else ''}"
+    return name
+
+
+def summarize(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise SystemExit(f"{run_dir} has no metrics.jsonl: is it a dat-ds run folder, and did the run finish an epoch?")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    last = recs[-1]
+    row = {
+        "run": run_dir.name,
+        "method": _method(cfg),
+        "pxq": f"1x{last['world_size']}",
+        "batch": cfg["train"]["global_batch_size"],
+        "TA": last.get("clean_acc"),
+        "RA": last.get("pgd_acc"),
+        "AA": None,
+        "C": sum(r["comm_time_s"] for r in recs) / len(recs),
+        "T": sum(r["epoch_time_s"] for r in recs) / len(recs),
+        "MB/iter": last.get("data_mb_per_iter"),
+        "epochs": last["epoch"],
+    }
+    ev = run_dir / "eval.json"
+    if ev.is_file():
+        e = json.loads(ev.read_text())
+        row.update(TA=e.get("clean_acc", row["TA"]), RA=e.get("pgd_acc", row["RA"]), AA=e.get("autoattack_acc"))
+    return row
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "–"
+    if pct:
+        return f"{100 * v:.2f}"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def table(rows: list[dict]) -> str:
+    head = "| run | method | p×q | batch | TA % | RA % | AA % | C (s/epoch) | T (s/epoch) | MB/iter | epochs |"
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['run']} | {r['method']} | {r['pxq']} | {r['batch']} | {_fmt(r['TA'], True)} | "
+            f"{_fmt(r['RA'], True)} | {_fmt(r['AA'], True)} | {_fmt(r['C'])} | {_fmt(r['T'])} | "
+            f"{_fmt(r['MB/iter'])} | {r['epochs']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    a = p.parse_args(argv)
+    text = table([summarize(r) for r in a.runs])
+    print(text)
+    if a.out:
+        a.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""DAT training under the DeepSpeed engine.
+
+    deepspeed --num_gpus 2 --module dat_ds.train recipes/digits_dat_pgd.toml [--set train.epochs=3] [--resume auto]
+    deepspeed --hostfile hostfile --module dat_ds.train recipes/imagenet_r50_dat_pgd.toml
+    torchrun --nproc_per_node 2 -m dat_ds.train recipes/digits_dat_pgd.toml
+    python -m dat_ds.train recipes/digits_dat_pgd.toml --check --world-size 36   # validate only, no ranks
+
+Per step, in data-flow order: batch -> attack (on engine.module, input gradients only) -> loss
+lambda*CE(clean) + CE(adv) -> engine.backward -> engine.step (the accumulation boundary reduces the gradients once
+through dat_ds.comm, clips, applies the optimizer) -> running metrics. Per epoch: BatchNorm buffers averaged
+across ranks -> TA/RA on the test split -> metrics.jsonl + wandb -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .attacks import bn_mode, fgsm, pgd
+from .config import ConfigError, RunConfig, load_config
+from .data.loader import StreamSpec, batches_per_epoch, make_eval_loader, make_train_loader
+from .data.shards import ShardError, ShardIndex, load_index
+from .evaluate import evaluate, to_input
+from .models import build_model, check_model_name
+
+log = logging.getLogger("dat_ds")
+
+
+@dataclass
+class Plan:
+    """Everything derived from the recipe and the world size, checked before any rank starts real work."""
+
+    cfg: RunConfig
+    index: ShardIndex
+    world: int
+    grad_accum: int
+    steps_per_epoch: int
+    ds_config: dict = field(repr=False)
+
+
+def make_plan(cfg: RunConfig, world: int) -> Plan:
+    from .engine import build_ds_config, gradient_accumulation
+
+    index = load_index(cfg.data.shards)
+    check_model_name(cfg.model.name)
+    accum = gradient_accumulation(cfg, world)
+    steps = batches_per_epoch(index.split("train").count, cfg.train.global_batch_size)
+    if cfg.train.max_steps_per_epoch:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    return Plan(cfg, index, world, accum, steps, build_ds_config(cfg, world))
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps done in ``epoch``
+    global_step: int = 0
+    # running sums of the epoch on this rank: loss*n, n, correct on adversarial inputs
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+    comm_seconds: float = 0.0  # communication time so far in this epoch
+    comm_bytes: int = 0
+    train_seconds: float = 0.0
+
+    def client_state(self, cfg: RunConfig) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "config": cfg.to_dict()}
+
+    def rank_state(self) -> dict:
+        from .checkpoint import rng_state
+
+        return {"rng": rng_state(), "sums": self.sums.clone(),
+                "timers": torch.tensor([self.comm_seconds, float(self.comm_bytes), self.train_seconds],
+                                       dtype=torch.float64)}
+
+
+def attack_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    a = cfg.attack
+    with bn_mode(model, a.bn_mode):
+        if a.method == "pgd":
+            return pgd(model, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, rand_init=a.rand_init)
+        return fgsm(model, x, y, eps=a.eps, step_size=a.fgsm_step_ratio * a.eps, rand_init=a.rand_init)
+
+
+def train_step(engine, batch: tuple[torch.Tensor, torch.Tensor], cfg: RunConfig, state: TrainState) -> None:
+    """One micro-batch. ``engine.step()`` is called every time; the engine decides where the boundary is."""
+    x, y = batch
+    x = to_input(x, engine.device, cfg.model.channels_last)
+    y = y.to(engine.device, non_blocking=True)
+    dtype = next(engine.module.parameters()).dtype
+    x_adv = x if cfg.attack.method == "none" else attack_batch(engine.module, x, y, cfg)
+    logits = engine(x_adv.to(dtype)).float()
+    loss = F.cross_entropy(logits, y)
+    if cfg.attack.method != "none" and cfg.loss.clean_weight > 0:
+        loss = loss + cfg.loss.clean_weight * F.cross_entropy(engine(x.to(dtype)).float(), y)
+    engine.backward(loss)
+    engine.step()  # at the boundary: gradient reduction (dat_ds.comm), clipping, optimizer, LR schedule
+    with torch.no_grad():
+        n = len(y)
+        state.sums += torch.stack([loss.detach().double().cpu() * n, torch.tensor(n, dtype=torch.float64),
+                                   (logits.argmax(1) == y).sum().double().cpu()])
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def _seed_everything(seed: int, rank: int, deterministic: bool) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)  # per-rank attack noise; the model is broadcast from rank 0 by DeepSpeed
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
+    import deepspeed
+    import torch.distributed as dist
+
+    from .checkpoint import Checkpointer, set_rng_state
+    from .comm import engine_seam
+    from .comm.transport import GradientReducer
+    from .engine import init_distributed
+    from .export import export_safetensors
+    from .optim import build_optimizer, build_schedule
+    from .tracking import NullTracker, Tracker, wandb_mode
+
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == plan.world
+    _setup_logging(rank)
+    _seed_everything(cfg.train.seed, rank, cfg.train.deterministic)
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    run_dir = cfg.run_dir
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    index = plan.index
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DeepSpeed also broadcasts them)
+    model = build_model(cfg.model, index.num_classes, index.channels, index.mean, index.std)
+    torch.manual_seed(cfg.train.seed + rank)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim, cfg.train.global_batch_size)
+    schedule = build_schedule(optimizer, cfg.optim, plan.steps_per_epoch, cfg.train.epochs)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=plan.ds_config)
+    c = cfg.comm
+    reducer = GradientReducer(bits=c.bits, two_sided=c.two_sided, topology=c.topology, rounding=c.rounding,
+                              error_feedback=c.error_feedback, block_size=c.block_size, bucket_mb=c.bucket_mb,
+                              seed=cfg.train.seed)
+    engine_seam.install(engine, reducer)
+
+    ckpt = Checkpointer(run_dir, cfg.checkpoint.keep, rank, world)
+    state = TrainState()
+    tag = None
+    if resume == "auto":
+        tag = ckpt.latest()
+    elif resume not in ("none", ""):
+        tag = resume
+    if tag is not None:
+        client, rank_state = ckpt.load(engine, tag)
+        state = TrainState(epoch=client["epoch"], step_in_epoch=client["step_in_epoch"],
+                           global_step=client["global_step"], sums=rank_state["sums"])
+        state.comm_seconds, comm_bytes, state.train_seconds = rank_state["timers"].tolist()
+        state.comm_bytes = int(comm_bytes)
+        set_rng_state(rank_state["rng"])
+        reducer.reset_state()
+        if rank == 0:
+            log.info("resumed from %s: epoch %d, step %d", ckpt.dir / tag, state.epoch + 1, state.step_in_epoch)
+
+    tracker = (Tracker(run_dir, cfg.to_dict(), mode=wandb_mode(cfg.log.wandb_mode), project=cfg.log.project,
+                       group=cfg.log.group, name=cfg.name, resume_epoch=state.epoch if tag else None)
+               if rank == 0 else NullTracker())
+    pin = engine.device.type == "cuda"
+    image_size = cfg.data.image_size or index.image_size
+    eval_loader = make_eval_loader(index, "test", rank=rank, world=world, augment=cfg.data.augment,
+                                   image_size=image_size, batch_size=cfg.eval.batch_size, limit=cfg.data.eval_limit,
+                                   workers=cfg.data.workers, pin_memory=pin)
+    log_every = cfg.train.log_every or max(1, plan.steps_per_epoch // 10)
+    if rank == 0:
+        log.info("world %d | global batch %d = %d micro x %d ranks x %d accum | %d steps/epoch | %s",
+                 world, cfg.train.global_batch_size, cfg.train.micro_batch_size, world, plan.grad_accum,
+                 plan.steps_per_epoch, run_dir)
+
+    comm_mark = reducer.stats.snapshot()  # reducer counters when this epoch (or the resumed part) began
+
+    def epoch_comm() -> tuple[float, int]:
+        d = reducer.stats.since(comm_mark)
+        return state.comm_seconds + d.seconds, state.comm_bytes + d.bytes_sent + d.bytes_recv
+
+    def save(tag_name: str) -> None:
+        from timm.utils import distribute_bn
+
+        distribute_bn(engine.module, world, reduce=True)  # DeepSpeed never syncs BN buffers; rank 0's are saved
+        rank_state = state.rank_state()
+        rank_state["timers"][:2] = torch.tensor(epoch_comm(), dtype=torch.float64)
+        ckpt.save(engine, tag_name, state.client_state(cfg), rank_state)
+
+    last_record: dict = {}
+    while state.epoch < cfg.train.epochs:
+        epoch = state.epoch
+        spec = StreamSpec(shards=index.split("train").shards, channels=index.channels, augment=cfg.data.augment,
+                          image_size=image_size, micro_batch=cfg.train.micro_batch_size,
+                          batches=plan.steps_per_epoch * plan.grad_accum, rank=rank, world=world,
+                          seed=cfg.train.seed, epoch=epoch, skip=state.step_in_epoch * plan.grad_accum,
+                          shuffle_buffer=cfg.data.shuffle_buffer, workers=cfg.data.workers)
+        engine.train()
+        t_start = time.perf_counter()
+        t_seg = t_start
+        micro = state.step_in_epoch * plan.grad_accum
+        for batch in make_train_loader(spec, pin_memory=pin):
+            train_step(engine, batch, cfg, state)
+            micro += 1
+            if micro % plan.grad_accum:
+                continue
+            state.step_in_epoch += 1
+            state.global_step += 1
+            if rank == 0 and (state.step_in_epoch % log_every == 0 or state.step_in_epoch == plan.steps_per_epoch):
+                s = state.sums.tolist()
+                log.info("epoch %d/%d step %d/%d | loss %.4f | adv acc %.3f | lr %.4g", epoch + 1,
+                         cfg.train.epochs, state.step_in_epoch, plan.steps_per_epoch, s[0] / max(s[1], 1),
+                         s[2] / max(s[1], 1), engine.get_lr()[0])
+            every = cfg.checkpoint.every_steps
+            if every and state.global_step % every == 0 and state.step_in_epoch < plan.steps_per_epoch:
+                state.train_seconds += time.perf_counter() - t_seg
+                save(f"step{state.global_step:08d}")
+                t_seg = time.perf_counter()
+        state.train_seconds += time.perf_counter() - t_seg
+        assert micro == plan.steps_per_epoch * plan.grad_accum, "every rank runs the same number of micro-batches"
+
+        from timm.utils import distribute_bn
+
+        distribute_bn(engine.module, world, reduce=True)  # BN buffers agree before evaluation and saving
+        sums = state.sums.clone()
+        dist.all_reduce(sums)  # loss and adversarial accuracy over all ranks
+        comm_s, comm_b = epoch_comm()
+        record = {"epoch": epoch + 1, "train_loss": sums[0].item() / sums[1].item(),
+                  "train_adv_acc": sums[2].item() / sums[1].item(), "lr": engine.get_lr()[0],
+                  "epoch_time_s": state.train_seconds, "comm_time_s": comm_s,
+                  "images_per_s": sums[1].item() / max(state.train_seconds, 1e-9),
+                  "data_mb_per_iter": comm_b / plan.steps_per_epoch / 1e6,
+                  "data_mb_per_iter_theory": reducer.theory_bytes(
+                      sum(p.numel() for p in engine.module.parameters()), world) / 1e6,
+                  "steps": state.global_step, "world_size": world}
+        if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
+            t0 = time.perf_counter()
+            e = cfg.attack.eps
+            counts = evaluate(engine.module, eval_loader, eps=e, steps=cfg.eval.pgd_steps,
+                              step_size=cfg.eval.pgd_step_size or 2.5 * e / cfg.eval.pgd_steps,
+                              restarts=cfg.eval.pgd_restarts, device=engine.device,
+                              channels_last=cfg.model.channels_last)
+            record["clean_acc"], record["pgd_acc"] = counts.acc()
+            record["eval_n"] = counts.n
+            record["eval_time_s"] = time.perf_counter() - t0
+        if rank == 0:
+            log.info("epoch %d | %s", epoch + 1, " ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch"))
+        tracker.log_epoch(record)
+        last_record = record
+        state = TrainState(epoch=epoch + 1, global_step=state.global_step)
+        comm_mark = reducer.stats.snapshot()
+        if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
+            save(f"epoch{epoch + 1:04d}")
+
+    if rank == 0:
+        export_safetensors(engine.module, cfg, index, run_dir / "model.safetensors")
+        tracker.log_summary({k: v for k, v in last_record.items() if isinstance(v, int | float)})
+    tracker.finish()
+    dist.barrier()
+    return last_record
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="a TOML recipe under recipes/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (repeatable), e.g. --set train.epochs=3")
+    p.add_argument("--resume", default="none", help="'auto' (newest complete checkpoint), 'none', or a tag")
+    p.add_argument("--check", action="store_true", help="validate the recipe and data, then exit")
+    p.add_argument("--world-size", type=int, default=None, help="with --check: the world size to plan for")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    args = p.parse_args(argv)
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        plan = make_plan(cfg, world)
+    except (ConfigError, ShardError) as e:
+        if rank == 0:
+            print(f"dat-ds: error: {e}", file=sys.stderr)
+        return 2
+    if args.resume in ("none", "") and (cfg.run_dir / "checkpoints").is_dir() and any(
+            (cfg.run_dir / "checkpoints").iterdir()):
+        if rank == 0:
+            print(f"dat-ds: error: {cfg.run_dir} already holds checkpoints of an earlier run; continue it with "
+                  f"--resume auto, or start a new one with --set name=<new name> (nothing was overwritten)",
+                  file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"ok: {args.recipe} | world {world} | accumulation {plan.grad_accum} | "
+              f"{plan.steps_per_epoch} steps/epoch | {plan.index.split('train').count} train samples")
+        return 0
+    try:
+        run(cfg, plan, args.resume)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"dat-ds: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Converters from the datasets' own formats to dat-ds shards (see dat_ds/data/shards.py)."""
