@@ -109,6 +109,23 @@ def train_step(engine, batch: tuple[torch.Tensor, torch.Tensor], cfg: RunConfig,
                                    (logits.argmax(1) == y).sum().double().cpu()])
 
 
+def replicas_identical(model: torch.nn.Module) -> bool:
+    """Collective: do all ranks hold bit-identical parameters? (one all_gather of a 64-bit digest)"""
+    import hashlib
+
+    import torch.distributed as dist
+
+    h = hashlib.blake2b(digest_size=8)
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    mine = torch.tensor([int.from_bytes(h.digest(), "little", signed=True)], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        mine = mine.cuda()
+    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return all(bool((o == out[0]).all()) for o in out)
+
+
 def _setup_logging(rank: int) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
@@ -195,7 +212,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
             log.info("resumed from %s: epoch %d, step %d", ckpt.dir / tag, state.epoch + 1, state.step_in_epoch)
 
     tracker = (Tracker(run_dir, cfg.to_dict(), mode=wandb_mode(cfg.log.wandb_mode), project=cfg.log.project,
-                       group=cfg.log.group, name=cfg.name, resume_epoch=state.epoch if tag else None)
+                       group=cfg.log.group, name=cfg.name, epochs_done=state.epoch if tag else None)
                if rank == 0 else NullTracker())
     pin = engine.device.type == "cuda"
     image_size = cfg.data.image_size or index.image_size
@@ -209,6 +226,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
                  plan.steps_per_epoch, run_dir)
 
     comm_mark = reducer.stats.snapshot()  # reducer counters when this epoch (or the resumed part) began
+    reduce_mark = reducer.stats.snapshot()  # for the exactly-once check, per epoch of this process
 
     def epoch_comm() -> tuple[float, int]:
         d = reducer.stats.since(comm_mark)
@@ -231,8 +249,8 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
                           seed=cfg.train.seed, epoch=epoch, skip=state.step_in_epoch * plan.grad_accum,
                           shuffle_buffer=cfg.data.shuffle_buffer, workers=cfg.data.workers)
         engine.train()
-        t_start = time.perf_counter()
-        t_seg = t_start
+        resumed_steps = state.step_in_epoch
+        t_seg = time.perf_counter()
         micro = state.step_in_epoch * plan.grad_accum
         for batch in make_train_loader(spec, pin_memory=pin):
             train_step(engine, batch, cfg, state)
@@ -268,6 +286,11 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
                   "data_mb_per_iter_theory": reducer.theory_bytes(
                       sum(p.numel() for p in engine.module.parameters()), world) / 1e6,
                   "steps": state.global_step, "world_size": world}
+        d = reducer.stats.since(reduce_mark)
+        steps_here = plan.steps_per_epoch - resumed_steps
+        record["grad_values_reduced_per_step"] = d.numel / max(steps_here, 1)
+        record["reduce_calls_per_step"] = d.calls / max(steps_here, 1)
+        record["replicas_identical"] = replicas_identical(engine.module)
         if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
             t0 = time.perf_counter()
             e = cfg.attack.eps
@@ -285,6 +308,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
         last_record = record
         state = TrainState(epoch=epoch + 1, global_step=state.global_step)
         comm_mark = reducer.stats.snapshot()
+        reduce_mark = reducer.stats.snapshot()
         if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
             save(f"epoch{epoch + 1:04d}")
 
@@ -315,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"dat-ds: error: {e}", file=sys.stderr)
         return 2
+    if args.check:
+        print(f"ok: {args.recipe} | world {world} | accumulation {plan.grad_accum} | "
+              f"{plan.steps_per_epoch} steps/epoch | {plan.index.split('train').count} train samples")
+        return 0
     if args.resume in ("none", "") and (cfg.run_dir / "checkpoints").is_dir() and any(
             (cfg.run_dir / "checkpoints").iterdir()):
         if rank == 0:
@@ -322,10 +350,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"--resume auto, or start a new one with --set name=<new name> (nothing was overwritten)",
                   file=sys.stderr)
         return 2
-    if args.check:
-        print(f"ok: {args.recipe} | world {world} | accumulation {plan.grad_accum} | "
-              f"{plan.steps_per_epoch} steps/epoch | {plan.index.split('train').count} train samples")
-        return 0
     try:
         run(cfg, plan, args.resume)
     except ConfigError as e:

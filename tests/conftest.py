@@ -1,0 +1,69 @@
+"""Shared fixtures: the real digits shards (written once per session) and a helper that starts real ranks
+through the stock deepspeed launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    from data_prep.digits import main
+
+    out = tmp_path_factory.mktemp("digits")
+    main([str(out)])
+    return out
+
+
+def launch_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp), WANDB_CACHE_DIR=str(tmp / "wc"),
+               PYTHONUNBUFFERED="1", TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def deepspeed_cmd(recipe: str, overrides: list[str], nproc: int = 2, port: int = 29611,
+                  extra: list[str] | None = None) -> list[str]:
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), "--module",
+           "dat_ds.train", str(REPO / "recipes" / recipe)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd + (extra or [])
+
+
+def run_launcher(tmp: Path, recipe: str, overrides: list[str], nproc: int = 2, port: int = 29611,
+                 extra: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(deepspeed_cmd(recipe, overrides, nproc, port, extra), cwd=REPO, env=launch_env(tmp),
+                          capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {path} appeared: {proc.stdout.read() if proc.stdout else ''}")
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.05)

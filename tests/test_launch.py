@@ -1,0 +1,100 @@
+"""Real ranks through the stock deepspeed launcher (CPU accelerator, gloo)."""
+
+import json
+import subprocess
+import time
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import dat_ds.models  # noqa: F401  (registers dat_digits_cnn with timm)
+from tests.conftest import REPO, deepspeed_cmd, kill_tree, launch_env, read_metrics, run_launcher, wait_for
+
+pytestmark = pytest.mark.launcher
+
+DIGITS_CNN_PARAMS = 94186
+
+
+def base(tmp_path, digits_dir, name, *extra):
+    return [f'data.shards="{digits_dir}"', f'out_dir="{tmp_path}"', f'name="{name}"', *extra]
+
+
+def test_two_ranks_train_evaluate_track_checkpoint_export(tmp_path, digits_dir):
+    ov = base(tmp_path, digits_dir, "two", "train.epochs=2", "train.micro_batch_size=32", "attack.steps=3")
+    proc = run_launcher(tmp_path, "digits_dat_pgd.toml", ov, port=29621)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "two"
+    recs = read_metrics(run)
+    assert [r["epoch"] for r in recs] == [1, 2]
+    for r in recs:
+        for k in ("train_loss", "lr", "clean_acc", "pgd_acc", "epoch_time_s", "comm_time_s", "images_per_s"):
+            assert isinstance(r[k], float), k
+        assert r["world_size"] == 2 and r["eval_n"] == 360
+        # Every gradient value reduced exactly once per optimizer step (accumulation 2: micro-steps reduce nothing).
+        assert r["grad_values_reduced_per_step"] == DIGITS_CNN_PARAMS
+        assert r["reduce_calls_per_step"] == 1
+        assert r["replicas_identical"] is True
+        assert 0 < r["comm_time_s"] < r["epoch_time_s"]
+    assert recs[1]["clean_acc"] > 0.5
+    assert json.loads((run / "config.json").read_text())["train"]["micro_batch_size"] == 32
+    assert list((run / "wandb").glob("offline-run-*")), "wandb offline run written by rank 0"
+    assert proc.stdout.count("epoch 2 |") == 1, "rank 0 alone logs"
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["epoch0001", "epoch0002"]
+    # The export loads into a plain timm model and reproduces the run's clean accuracy on the test split.
+    net = timm.create_model("dat_digits_cnn", num_classes=10, in_chans=1)
+    net.load_state_dict(load_file(run / "model.safetensors"))
+    from dat_ds.data.loader import make_eval_loader
+    from dat_ds.data.shards import load_index
+
+    index = load_index(digits_dir)
+    net.eval()
+    correct = 0
+    for x, y in make_eval_loader(index, "test", rank=0, world=1, augment="none", image_size=8, batch_size=360):
+        with torch.no_grad():
+            correct += (net((x.float() / 255 - index.mean[0]) / index.std[0]).argmax(1) == y).sum().item()
+    assert correct / 360 == pytest.approx(recs[-1]["clean_acc"], abs=1e-9)
+
+    # Starting again without --resume refuses to touch the existing run.
+    again = run_launcher(tmp_path, "digits_dat_pgd.toml", ov, port=29622)
+    assert again.returncode != 0 and "already holds checkpoints" in again.stderr + again.stdout
+
+
+def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tmp_path, digits_dir):
+    common = ["train.epochs=3", "train.deterministic=true", "checkpoint.every_steps=4", "attack.steps=3"]
+    ref = run_launcher(tmp_path, "digits_dat_pgd.toml", base(tmp_path, digits_dir, "ref", *common), port=29631)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    ov = base(tmp_path, digits_dir, "killed", *common)
+    proc = subprocess.Popen(deepspeed_cmd("digits_dat_pgd.toml", ov, port=29632), cwd=REPO,
+                            env=launch_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    # 11 steps an epoch: step 16 is mid-epoch 2; kill right after its checkpoint completes.
+    wait_for(tmp_path / "killed" / "checkpoints" / "step00000016" / "COMPLETE", proc)
+    time.sleep(0.3)
+    kill_tree(proc)
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+
+    res = run_launcher(tmp_path, "digits_dat_pgd.toml", ov, port=29633, extra=["--resume", "auto"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout
+    a, b = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "killed")
+    assert [r["epoch"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("train_loss", "train_adv_acc", "clean_acc", "pgd_acc", "lr", "steps", "data_mb_per_iter"):
+            assert ra[k] == rb[k], (ra["epoch"], k, ra[k], rb[k])
+    wa = load_file(tmp_path / "ref" / "model.safetensors")
+    wb = load_file(tmp_path / "killed" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_three_ranks(tmp_path, digits_dir):
+    ov = base(tmp_path, digits_dir, "three", "train.epochs=1", "train.global_batch_size=96",
+              "train.micro_batch_size=32", "attack.steps=2")
+    proc = run_launcher(tmp_path, "digits_dat_pgd.toml", ov, nproc=3, port=29641)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = read_metrics(tmp_path / "three")
+    assert r["world_size"] == 3 and r["steps"] == 1437 // 96 and r["eval_n"] == 360
+    assert r["replicas_identical"] is True and r["grad_values_reduced_per_step"] == DIGITS_CNN_PARAMS
