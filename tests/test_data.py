@@ -7,9 +7,9 @@ import tarfile
 import pytest
 import torch
 
-from data_prep.digits import digits_samples
 from dat_ds.data.loader import StreamSpec, TrainStream, batches_per_epoch, make_eval_loader, make_train_loader
 from dat_ds.data.shards import ShardError, load_index, read_shard, write_index, write_split
+from data_prep.digits import digits_samples
 
 UNEVEN = [50, 3, 17, 40, 1, 29, 60, 100]
 
@@ -120,6 +120,25 @@ def test_truncated_shard_is_refused(tmp_path, digits_dir):
     info = index.split("train").shards[3]
     with pytest.raises(ShardError, match="train-000003.tar holds .* samples but its index says 180"):
         list(read_shard(info.url, info.count))
+
+
+def test_shard_cut_inside_a_member_is_refused(tmp_path, digits_dir):
+    import shutil
+
+    d = tmp_path / "cut"
+    shutil.copytree(digits_dir, d)
+    shard = d / "test-000000.tar"
+    shard.write_bytes(shard.read_bytes()[: 10 * 2048 + 700])
+    info = load_index(d).split("test").shards[0]
+    with pytest.raises(ShardError, match="test-000000.tar ends inside a member: the file is truncated"):
+        list(read_shard(info.url, info.count))
+
+
+def test_shards_stream_through_pipe_commands(digits_dir):
+    info = load_index(digits_dir).split("test").shards[1]
+    a = [s.key for s in read_shard(info.url, info.count)]
+    b = [s.key for s in read_shard(f"pipe:cat {info.url}", info.count)]
+    assert a == b and len(a) == info.count
 
 
 def test_missing_shard_and_folder_errors(tmp_path, digits_dir):

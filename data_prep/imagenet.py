@@ -1,0 +1,103 @@
+"""An ImageNet-style tree -> webdataset shards, copying the JPEG bytes as they are (no re-encode).
+
+    python -m data_prep.imagenet /data/imagenet /data/imagenet-shards [--shard-mb 1000] [--val-labels LABELS]
+
+Input: ``train/<wnid>/*.JPEG`` and either ``val/<wnid>/*.JPEG`` (the common re-foldered layout) or a flat
+``val/*.JPEG`` with ``--val-labels`` (lines ``<file name> <wnid>``). Classes are the sorted wnids of ``train/``.
+Training files are shuffled once (seed 0) before sharding so each shard holds a mix of classes; shards are cut at
+``--shard-mb`` (about 1 GB: ~1,250 shards for train, enough for any cluster's ranks x workers). Each shard is
+written to a temporary name and renamed when whole, so an interrupted conversion never leaves a torn shard;
+re-running it skips shards that are already complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from dat_ds.data.shards import Sample, write_index
+from dat_ds.data.shards import write_tar
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EXTS = {".jpeg", ".jpg", ".png"}
+
+
+def list_split(root: Path, split: str, classes: list[str], val_labels: Path | None) -> list[tuple[Path, int]]:
+    d = root / split
+    if not d.is_dir():
+        raise SystemExit(f"{d} is missing: expected {root}/train/<wnid>/*.JPEG and {root}/val/")
+    cls = {c: i for i, c in enumerate(classes)}
+    files = sorted(p for p in d.rglob("*") if p.suffix.lower() in EXTS)
+    out = []
+    if val_labels is not None and split == "val":
+        labels = dict(line.split()[:2] for line in val_labels.read_text().splitlines() if line.strip())
+        for p in files:
+            if p.name not in labels:
+                raise SystemExit(f"{p.name} has no entry in {val_labels}")
+            out.append((p, cls[labels[p.name]]))
+        return out
+    for p in files:
+        wnid = p.parent.name
+        if wnid not in cls:
+            raise SystemExit(f"{p}: folder {wnid} is not a class of train/ (or pass --val-labels for a flat val/)")
+        out.append((p, cls[wnid]))
+    return out
+
+
+def shard_plan(files: list[tuple[Path, int]], shard_bytes: int) -> Iterator[list[tuple[Path, int]]]:
+    cur, size = [], 0
+    for f in files:
+        n = f[0].stat().st_size + 1536  # payload + tar headers
+        if cur and size + n > shard_bytes:
+            yield cur
+            cur, size = [], 0
+        cur.append(f)
+        size += n
+    if cur:
+        yield cur
+
+
+def convert(src: Path, out: Path, shard_mb: float, val_labels: Path | None, name: str) -> None:
+    classes = sorted(p.name for p in (src / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise SystemExit(f"{src}/train has no class folders")
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, shuffle in (("train", True), ("val", False)):
+        files = list_split(src, split, classes, val_labels)
+        if shuffle:
+            random.Random(0).shuffle(files)
+        entries = []
+        for i, group in enumerate(shard_plan(files, int(shard_mb * 2**20))):
+            fname = f"{split}-{i:06d}.tar"
+            if not (out / fname).exists():
+                write_tar(out / fname, [
+                    Sample(key=f"{split}_{p.stem}", image=p.read_bytes(),
+                           ext="png" if p.suffix.lower() == ".png" else "jpg", label=label)
+                    for p, label in group
+                ])
+            entries.append({"file": fname, "count": len(group)})
+        splits["test" if split == "val" else split] = entries
+        print(f"{split}: {len(files)} images in {len(entries)} shards")
+    write_index(out, name=name, num_classes=len(classes), channels=3, image_size=0, mean=IMAGENET_MEAN,
+                std=IMAGENET_STD, splits=splits, extra={"classes": classes})
+    (out / "classes.json").write_text(json.dumps(classes))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--shard-mb", type=float, default=1000.0)
+    p.add_argument("--val-labels", type=Path, default=None)
+    p.add_argument("--name", default="imagenet")
+    a = p.parse_args(argv)
+    convert(a.src, a.out, a.shard_mb, a.val_labels, a.name)
+
+
+if __name__ == "__main__":
+    main()
