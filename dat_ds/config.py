@@ -112,7 +112,7 @@ class CommConfig:
     topology: Literal["ps", "hpc"] = "hpc"  # sharded parameter server, or plain all-reduce
     rounding: Literal["nearest", "stochastic"] = "nearest"
     error_feedback: bool = False
-    block_size: int = 256  # values per quantization scale
+    block_size: int = 512  # values per fp32 scale: 0.8 % overhead at 8 bits, 1.6 % at 4
     bucket_mb: float = 25.0  # flat bucket size the engine hands to the reducer
 
     def __post_init__(self) -> None:

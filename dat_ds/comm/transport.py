@@ -49,7 +49,7 @@ class GradientReducer:
     """Averages a flat gradient across the group, in place, with the configured codec and topology."""
 
     def __init__(self, *, bits: int = 32, two_sided: bool = False, topology: str = "hpc",
-                 rounding: str = "nearest", error_feedback: bool = False, block_size: int = 256,
+                 rounding: str = "nearest", error_feedback: bool = False, block_size: int = 512,
                  bucket_mb: float = 25.0, seed: int = 0):
         if topology == "hpc" and bits not in (32, 16):
             raise ValueError("topology 'hpc' carries 32 or 16 bits; use 'ps' for fewer")

@@ -1,0 +1,94 @@
+"""The codec on one process: error bounds, unbiased stochastic rounding, error feedback."""
+
+import pytest
+import torch
+
+from dat_ds.comm.codec import Codec, ErrorFeedback
+
+
+def block_scales(x: torch.Tensor, c: Codec) -> torch.Tensor:
+    return (x.reshape(-1, c.block).abs().amax(1) / c.qmax).repeat_interleave(c.block)
+
+
+@pytest.fixture
+def grad():
+    g = torch.Generator().manual_seed(0)
+    # heavy-tailed, with an all-zero block and a block of one outlier: the cases a block scale must survive
+    x = torch.randn(64 * 256, generator=g) * torch.rand(64 * 256, generator=g) ** 4
+    x[256:512] = 0
+    x[1024:1280] = 1e-3
+    x[1100] = 50.0
+    return x
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_roundtrip_within_block_scale_bound(grad, bits, rounding):
+    c = Codec(bits=bits, block=256, rounding=rounding)
+    buf = c.encode(grad)
+    assert buf.dtype == torch.uint8 and buf.numel() == c.encoded_nbytes(grad.numel())
+    assert buf.numel() == grad.numel() * bits // 8 + 4 * grad.numel() // 256
+    err = (c.decode(buf, grad.numel()) - grad).abs()
+    bound = block_scales(grad, c) * (0.5 if rounding == "nearest" else 1.0)
+    # plus fp32 arithmetic in x/scale and q*scale: a few ulps of |x| (matters at 16 bits, where q reaches 32767)
+    fp32 = 4 * torch.finfo(torch.float32).eps * grad.abs()
+    assert (err <= bound + fp32 + 1e-12).all()
+    assert err[256:512].max() == 0, "an all-zero block stays exactly zero"
+
+
+def test_32_bits_is_the_identity(grad):
+    c = Codec(bits=32)
+    assert torch.equal(c.roundtrip(grad), grad)
+
+
+def test_decode_accumulates(grad):
+    c = Codec(bits=8)
+    buf = c.encode(grad)
+    acc = torch.ones_like(grad)
+    c.decode(buf, grad.numel(), out=acc, accumulate=True)
+    assert torch.allclose(acc, 1 + c.decode(buf, grad.numel()))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_stochastic_rounding_is_unbiased(bits):
+    # Values sit at fixed fractions of a quantization step, where nearest rounding is biased by up to half a step.
+    c = Codec(bits=bits, block=256, rounding="stochastic")
+    x = torch.linspace(-1, 1, 512)
+    x[0], x[256] = -1.0, 1.0  # pin each block's scale to 1/qmax
+    step = 1.0 / c.qmax
+    draws = 4000
+    g = torch.Generator().manual_seed(1)
+    mean = torch.zeros_like(x)
+    for _ in range(draws):
+        mean += c.roundtrip(x, generator=g)
+    mean /= draws
+    # Each draw errs by a Bernoulli step (variance <= step^2 / 4): the mean of N draws has sd <= step / (2 sqrt N).
+    # 5 sd over 512 values leaves a false-alarm chance below 1e-4.
+    tol = 5 * step / (2 * draws**0.5)
+    assert (mean - x).abs().max() < tol
+    nearest = Codec(bits=bits, block=256).roundtrip(x)
+    assert (nearest - x).abs().max() > 10 * tol, "the test can tell a biased rounding apart"
+
+
+def test_error_feedback_bounds_the_accumulated_error():
+    c = Codec(bits=4, block=256)
+    g = torch.Generator().manual_seed(2)
+    grad = torch.randn(1024, generator=g) * 0.01
+    grad[::256] = 1.0  # big values in each block: the small ones round to zero without feedback
+    ef = ErrorFeedback()
+    sent_plain = torch.zeros_like(grad)
+    sent_ef = torch.zeros_like(grad)
+    steps = 200
+    for _ in range(steps):
+        sent_plain += c.roundtrip(grad)
+        target = ef.add_residual("k", grad)
+        out = c.roundtrip(target)
+        ef.store("k", target, out)
+        sent_ef += out
+    plain_err = (sent_plain - steps * grad).abs().max()
+    ef_err = (sent_ef - steps * grad).abs().max()
+    step = 1.0 / c.qmax
+    assert ef_err <= step, "with feedback the total error stays within one quantization step"
+    assert plain_err > 20 * step, "without it the error grows with the number of steps"
+    ef.reset()
+    assert not ef.residuals

@@ -1,0 +1,104 @@
+"""The transport across 2 real processes over gloo: exact means, bounds, identical replicas, measured bytes."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dat_ds.comm.codec import Codec
+from dat_ds.comm.transport import GradientReducer
+
+SETTINGS = [
+    dict(topology="hpc", bits=32),
+    dict(topology="hpc", bits=16),
+    dict(topology="ps", bits=32),
+    dict(topology="ps", bits=16),
+    dict(topology="ps", bits=8),
+    dict(topology="ps", bits=8, two_sided=True),
+    dict(topology="ps", bits=4, two_sided=True),
+    dict(topology="ps", bits=8, two_sided=True, error_feedback=True, rounding="stochastic"),
+]
+N = 300_001  # not a multiple of anything: padding paths run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(N, generator=g) * torch.rand(N, generator=g) ** 3
+    everyone = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(everyone, x)
+    exact = torch.stack(everyone).double().mean(0).float()
+    plain = x.clone()
+    dist.all_reduce(plain)
+    plain /= world
+    results = {}
+    for i, s in enumerate(SETTINGS):
+        r = GradientReducer(bucket_mb=0.5, **s)  # 0.5 MB rounds: 300k values take 2 rounds on 2 ranks
+        y = x.clone()
+        r.reduce_(y)
+        replicas = [torch.empty_like(y) for _ in range(world)]
+        dist.all_gather(replicas, y)
+        results[i] = dict(y=y, identical=all(torch.equal(replicas[0], t) for t in replicas),
+                          sent=r.stats.bytes_sent, recv=r.stats.bytes_recv, theory=r.theory_bytes(N, world))
+    if rank == 0:
+        torch.save(dict(results=results, exact=exact, plain=plain, inputs=torch.stack(everyone)),
+                   os.path.join(out_dir, "out.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    d = tmp_path_factory.mktemp("transport")
+    mp.start_processes(_worker, args=(2, _free_port(), str(d)), nprocs=2, start_method="spawn")
+    return torch.load(d / "out.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("i", range(len(SETTINGS)), ids=[str(s) for s in SETTINGS])
+def test_aggregate(two_rank_results, i):
+    s = SETTINGS[i]
+    res = two_rank_results["results"][i]
+    exact, plain, inputs = two_rank_results["exact"], two_rank_results["plain"], two_rank_results["inputs"]
+    y = res["y"]
+    assert res["identical"], "all ranks end bit-identical"
+    if s["bits"] == 32:
+        assert torch.equal(y, plain), "32 bits is a plain all-reduce, exactly"
+    else:
+        # Per value: each upload errs by at most its block's scale (scale/2 for nearest), so the mean errs by the
+        # mean of those; a 2-sided download adds the aggregate's own block scale; fp16 (hpc 16) errs by its ulps.
+        if s["topology"] == "hpc":
+            bound = (inputs.abs().max(0).values + exact.abs()) * 2**-10
+        else:
+            c = Codec(bits=s["bits"], block=512)
+            k = 1.0 if s.get("rounding") == "stochastic" else 0.5
+
+            def scales(v):
+                pad = torch.zeros(-(-len(v) // 1024) * 1024)
+                pad[: len(v)] = v.abs()
+                return (pad.reshape(-1, 512).amax(1) / c.qmax).repeat_interleave(512)[: len(v)]
+
+            bound = k * torch.stack([scales(v) for v in inputs]).mean(0)
+            if s.get("two_sided"):
+                bound = bound + k * scales(exact) * 1.01 + k * scales(bound)
+        # blocks never straddle the owners' chunks, so the padded layout above matches the transport's
+        assert ((y - exact).abs() <= bound + 1e-7).all()
+        assert not torch.equal(y, exact)
+
+
+@pytest.mark.parametrize("i", range(len(SETTINGS)), ids=[str(s) for s in SETTINGS])
+def test_measured_bytes_within_3_percent_of_theory(two_rank_results, i):
+    res = two_rank_results["results"][i]
+    measured = res["sent"] + res["recv"]
+    assert abs(measured - res["theory"]) / res["theory"] < 0.03, (measured, res["theory"])
+    if SETTINGS[i]["topology"] == "ps":
+        assert res["sent"] == res["recv"]
