@@ -18,8 +18,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from dat_ds.data.shards import Sample, write_index
-from dat_ds.data.shards import write_tar
+from dat_ds.data.shards import Sample, write_index, write_tar
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
