@@ -92,3 +92,13 @@ def test_error_feedback_bounds_the_accumulated_error():
     assert plain_err > 20 * step, "without it the error grows with the number of steps"
     ef.reset()
     assert not ef.residuals
+
+
+@pytest.mark.parametrize("bits", [32, 16, 8, 4])
+def test_decode_mean_equals_the_mean_of_decodes(grad, bits):
+    c = Codec(bits=bits)
+    parts = [grad, grad.flip(0) * 3, -grad]
+    bufs = torch.stack([c.encode(p) for p in parts])
+    ref = sum(c.decode(b, grad.numel()) for b in bufs) / 3
+    out = c.decode_mean(bufs, grad.numel(), torch.empty_like(grad))
+    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-7)

@@ -5,22 +5,120 @@ A chunk of ``n`` values (``n`` a multiple of the block size) encodes to one uint
 ``[-qmax, qmax]``, ``qmax = 2**(b-1) - 1``; a block's scale is ``absmax / qmax``, so the rounding error of a value is
 at most ``scale / 2`` (nearest) or below ``scale`` (stochastic, which is unbiased). 4-bit codes are stored offset
 by 8 and packed two per byte. ``bits=32`` is the identity (raw fp32 bytes).
+
+Speed: the per-block arithmetic is written as small pure functions. On tensors of at least ``COMPILE_MIN_NUMEL``
+values they run through ``torch.compile`` (one fused loop instead of six passes over memory: encoding 25.5M values
+on one CPU thread took 172 ms eager and 17 ms compiled here); smaller ones, and any platform where compiling
+fails, run them eagerly with the same results. ``DAT_DS_COMPILE_CODEC=0`` turns compiling off.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 Rounding = Literal["nearest", "stochastic"]
+COMPILE_MIN_NUMEL = 1 << 20
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ kernels (pure functions)
+
+
+def _quantize(blocks: torch.Tensor, noise: torch.Tensor | None, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = blocks.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))  # an all-zero block encodes to zeros
+    q = blocks / scale
+    q = torch.floor(q + noise) if noise is not None else torch.round(q)
+    return torch.clamp(q, -qmax, qmax), scale
+
+
+def _enc8(blocks, noise, qmax: float):
+    q, scale = _quantize(blocks, noise, qmax)
+    return q.to(torch.int8), scale
+
+
+def _enc16(blocks, noise, qmax: float):
+    q, scale = _quantize(blocks, noise, qmax)
+    return q.to(torch.int16), scale
+
+
+def _enc4(blocks, noise, qmax: float):
+    q, scale = _quantize(blocks, noise, qmax)
+    u = (q + 8).to(torch.uint8).reshape(-1, 2)
+    return u[:, 0] | (u[:, 1] << 4), scale
+
+
+def _dec(q, scale, out, accumulate: bool):
+    vals = (q.to(torch.float32).reshape(scale.shape[0], -1) * scale).reshape(-1)
+    if accumulate:
+        out.add_(vals)
+    else:
+        out.copy_(vals)
+
+
+def _dec4(packed, scale, out, accumulate: bool):
+    p = packed.reshape(scale.shape[0], -1)
+    lo = (p & 0x0F).to(torch.float32) - 8
+    hi = (p >> 4).to(torch.float32) - 8
+    vals = (torch.stack((lo, hi), dim=2) * scale.unsqueeze(2)).reshape(-1)
+    if accumulate:
+        out.add_(vals)
+    else:
+        out.copy_(vals)
+
+
+def _mean(codes, scales, out):
+    """Mean over the first axis of W decoded chunks, in one pass: (W, nb, block) codes, (W, nb, 1) scales."""
+    out.copy_((codes.to(torch.float32) * scales).sum(0).reshape(-1) / codes.shape[0])
+
+
+def _mean4(packed, scales, out):
+    lo = (packed & 0x0F).to(torch.float32) - 8
+    hi = (packed >> 4).to(torch.float32) - 8
+    vals = torch.stack((lo, hi), dim=3).reshape(packed.shape[0], packed.shape[1], -1) * scales
+    out.copy_(vals.sum(0).reshape(-1) / packed.shape[0])
+
+
+_EAGER = {"enc8": _enc8, "enc16": _enc16, "enc4": _enc4, "dec": _dec, "dec4": _dec4, "mean": _mean,
+          "mean4": _mean4}
+_COMPILED: dict[str, object] = {}
+_compile_failed = False
+
+
+def _kernel(name: str, numel: int):
+    global _compile_failed
+    if _compile_failed or numel < COMPILE_MIN_NUMEL or os.environ.get("DAT_DS_COMPILE_CODEC", "1") == "0":
+        return _EAGER[name]
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(_EAGER[name], dynamic=False)  # dynamic shapes ran decode 6x slower
+    return _COMPILED[name]
+
+
+def _run(name: str, numel: int, *args):
+    global _compile_failed
+    fn = _kernel(name, numel)
+    if fn is _EAGER[name]:
+        return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as e:  # a platform without a working compiler: same math, eagerly
+        log.warning("dat-ds codec: torch.compile failed (%s); using eager kernels", e)
+        _compile_failed = True
+        return _EAGER[name](*args)
+
+
+# ---------------------------------------------------------------------------------------------------- codec
 
 
 @dataclass(frozen=True)
 class Codec:
     bits: int = 8
-    block: int = 256
+    block: int = 512
     rounding: Rounding = "nearest"
 
     def __post_init__(self) -> None:
@@ -43,55 +141,54 @@ class Codec:
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Flat fp32 ``x`` -> uint8 buffer. For bits < 32, ``x.numel()`` must be a multiple of ``block``."""
         n = x.numel()
-        nbytes = self.encoded_nbytes(n)
         if out is None:
-            out = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+            out = torch.empty(self.encoded_nbytes(n), dtype=torch.uint8, device=x.device)
         if self.bits == 32:
             out.copy_(x.reshape(-1).view(torch.uint8))
             return out
         assert n % self.block == 0, "pad to a multiple of the block size"
         nb = n // self.block
         blocks = x.reshape(nb, self.block)
-        scale = blocks.abs().amax(dim=1, keepdim=True).div_(self.qmax)
-        scale.masked_fill_(scale == 0, 1.0)  # an all-zero block encodes to zeros with any scale
-        q = blocks / scale
+        noise = None
         if self.rounding == "stochastic":
-            noise = torch.rand(q.shape, device=q.device, dtype=q.dtype, generator=generator)
-            q.add_(noise).floor_()
-        else:
-            q.round_()
-        q.clamp_(-self.qmax, self.qmax)
+            noise = torch.rand(blocks.shape, device=x.device, dtype=torch.float32, generator=generator)
+        codes, scale = _run(f"enc{self.bits}", n, blocks, noise, float(self.qmax))
         out[: 4 * nb].copy_(scale.reshape(-1).view(torch.uint8))
-        codes = out[4 * nb :]
-        if self.bits == 16:
-            codes.copy_(q.to(torch.int16).reshape(-1).view(torch.uint8))
-        elif self.bits == 8:
-            codes.copy_(q.to(torch.int8).reshape(-1).view(torch.uint8))
-        else:  # 4 bits: offset to [1, 15], two per byte
-            u = (q + 8).to(torch.uint8).reshape(-1, 2)
-            torch.bitwise_or(u[:, 0], u[:, 1] << 4, out=codes)
+        out[4 * nb :].copy_(codes.reshape(-1).view(torch.uint8))
         return out
 
     def decode(self, buf: torch.Tensor, n: int, out: torch.Tensor | None = None,
                accumulate: bool = False) -> torch.Tensor:
         """uint8 buffer -> ``n`` fp32 values, written to (or, with ``accumulate``, added into) ``out``."""
         if out is None:
-            out = torch.zeros(n, dtype=torch.float32, device=buf.device) if accumulate else torch.empty(
-                n, dtype=torch.float32, device=buf.device)
+            out = torch.zeros(n, dtype=torch.float32, device=buf.device)
         if self.bits == 32:
             vals = buf.view(torch.float32)
             return out.add_(vals) if accumulate else out.copy_(vals)
         nb = n // self.block
         scale = buf[: 4 * nb].view(torch.float32).reshape(nb, 1)
         codes = buf[4 * nb :]
-        if self.bits == 16:
-            q = codes.view(torch.int16)
-        elif self.bits == 8:
-            q = codes.view(torch.int8)
+        if self.bits == 4:
+            _run("dec4", n, codes, scale, out, accumulate)
         else:
-            q = torch.stack((codes & 0x0F, codes >> 4), dim=1).reshape(-1).to(torch.int8) - 8
-        vals = q.reshape(nb, self.block).float().mul_(scale).reshape(-1)
-        return out.add_(vals) if accumulate else out.copy_(vals)
+            _run("dec", n, codes.view(torch.int16 if self.bits == 16 else torch.int8), scale, out, accumulate)
+        return out
+
+    def decode_mean(self, bufs: torch.Tensor, n: int, out: torch.Tensor) -> torch.Tensor:
+        """Mean of the W chunks encoded in the rows of ``bufs`` (W, encoded_nbytes(n)), summed in fp32 in row
+        order, written to ``out``."""
+        world = bufs.shape[0]
+        if self.bits == 32:
+            return torch.sum(bufs.view(torch.float32), dim=0, out=out).div_(world)
+        nb = n // self.block
+        scales = bufs[:, : 4 * nb].view(torch.float32).reshape(world, nb, 1)
+        codes = bufs[:, 4 * nb :]
+        if self.bits == 4:
+            _run("mean4", n, codes.reshape(world, nb, -1), scales, out)
+        else:
+            _run("mean", n, codes.view(torch.int16 if self.bits == 16 else torch.int8).reshape(world, nb, -1),
+                 scales, out)
+        return out
 
     def roundtrip(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.decode(self.encode(x, generator=generator), x.numel())

@@ -70,8 +70,18 @@ def install(engine, reducer: GradientReducer) -> None:
     if getattr(engine, "sequence_parallel_size", 1) != 1:
         raise ConfigError("sequence parallelism is not supported with dat-ds's gradient reducer")
 
+    flat_buffers: dict[tuple, torch.Tensor] = {}
+
     def allreduce_bucket(bucket, dp_group, dp_world_size=None):
-        tensor = engine.flatten(bucket)
+        # DeepSpeed's own flatten allocates a fresh buffer every step (on CPU, 100 MB of page faults for
+        # ResNet-50: 67 ms); a persistent one per bucket shape does the same copy. DeepSpeed copies the result
+        # back into the gradients before the next call.
+        n = sum(t.numel() for t in bucket)
+        key_ = (bucket[0].dtype, bucket[0].device, n)
+        if key_ not in flat_buffers:
+            flat_buffers[key_] = torch.empty(n, dtype=bucket[0].dtype, device=bucket[0].device)
+        tensor = flat_buffers[key_]
+        torch.cat([t.reshape(-1) for t in bucket], out=tensor)
         with torch.no_grad():
             reducer.reduce_(tensor, group=dp_group, key=(tensor.dtype, tensor.numel()))
         return tensor

@@ -16,6 +16,7 @@ handed to and took from the network (for ``hpc``, the ring algorithm's 2(W-1)/W 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -93,9 +94,7 @@ class GradientReducer:
             if self.topology == "hpc":
                 self._hpc(work, world, group)
             else:
-                for r, start in enumerate(range(0, work.numel(), self.bucket_numel * world)):
-                    piece = work[start : start + self.bucket_numel * world]
-                    self._ps_round(piece, world, group, (key, r))
+                self._ps(work, world, group, key)
         if work is not flat:
             flat.copy_(work)
         _sync(flat.device)
@@ -119,68 +118,97 @@ class GradientReducer:
         self.stats.bytes_sent += ring
         self.stats.bytes_recv += ring
 
-    def _exchange(self, send: list[torch.Tensor | None], recv: list[torch.Tensor | None], group) -> None:
-        """Point-to-point to every peer: all receives posted first, then the sends."""
-        ops = []
-        for peer, buf in enumerate(recv):
-            if buf is not None:
-                ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(group, peer) if group else peer, group))
-        for peer, buf in enumerate(send):
-            if buf is not None:
-                ops.append(dist.P2POp(dist.isend, buf, dist.get_global_rank(group, peer) if group else peer, group))
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+    def _post(self, send: list[torch.Tensor | None], recv: list[torch.Tensor | None], group, tag: int) -> list:
+        """Point-to-point with every peer, receives posted before sends; returns the requests to wait on."""
+        def peer_rank(j: int) -> int:
+            return dist.get_global_rank(group, j) if group is not None else j
+
+        ops = [dist.P2POp(dist.irecv, b, peer_rank(j), group, tag) for j, b in enumerate(recv) if b is not None]
+        ops += [dist.P2POp(dist.isend, b, peer_rank(j), group, tag) for j, b in enumerate(send) if b is not None]
         self.stats.bytes_sent += sum(b.numel() for b in send if b is not None)
         self.stats.bytes_recv += sum(b.numel() for b in recv if b is not None)
+        return dist.batch_isend_irecv(ops) if ops else []
 
-    def _ps_round(self, x: torch.Tensor, world: int, group, key: object) -> None:
+    def _ps(self, x: torch.Tensor, world: int, group, key: object) -> None:
+        """Sharded parameter server over rounds of ``bucket_numel`` values per owner, pipelined: while round r's
+        bytes travel, round r+1 is encoded and round r-1 decoded (gloo and NCCL move the bytes on their own
+        threads/streams)."""
         me = dist.get_rank(group)
-        block = self.codec.block
-        n = x.numel()
-        chunk = -(-n // (world * block)) * block  # values per owner, block-aligned
-        padded = torch.zeros(chunk * world, dtype=torch.float32, device=x.device)
-        padded[:n] = x
+        block, up, down = self.codec.block, self.codec, self.down_codec
+        n, per_round = x.numel(), self.bucket_numel * world
         gen = self._gen(x.device)
+        ef = self.error_feedback
 
-        # Upload: encode every chunk (with the worker-side residual), send chunk j to rank j.
-        target = self.worker_ef.add_residual(key, padded) if self.error_feedback else padded
-        up = self.codec
-        up_bytes = up.encoded_nbytes(chunk)
-        enc = torch.empty(world, up_bytes, dtype=torch.uint8, device=x.device)
-        for j in range(world):
-            up.encode(target[j * chunk : (j + 1) * chunk], out=enc[j], generator=gen)
-        if self.error_feedback:
-            sent = torch.cat([up.decode(enc[j], chunk) for j in range(world)])
-            self.worker_ef.store(key, target, sent)
-        inbox = torch.empty(world, up_bytes, dtype=torch.uint8, device=x.device)
-        inbox[me].copy_(enc[me])
-        self._exchange([enc[j] if j != me else None for j in range(world)],
-                       [inbox[j] if j != me else None for j in range(world)], group)
+        def start_upload(r: int, start: int) -> dict:
+            stop = min(n, start + per_round)
+            m = stop - start
+            chunk = -(-m // (world * block)) * block  # values per owner, block-aligned
+            if chunk * world == m:
+                src = x[start:stop]
+            else:
+                src = torch.zeros(chunk * world, dtype=torch.float32, device=x.device)
+                src[:m] = x[start:stop]
+            if ef:
+                src = self.worker_ef.add_residual((key, r), src)
+            enc = torch.empty(world, up.encoded_nbytes(chunk), dtype=torch.uint8, device=x.device)
+            for j in range(world):
+                up.encode(src[j * chunk : (j + 1) * chunk], out=enc[j], generator=gen)
+            if ef:
+                sent = torch.empty_like(src)
+                for j in range(world):
+                    up.decode(enc[j], chunk, out=sent[j * chunk : (j + 1) * chunk])
+                self.worker_ef.store((key, r), src, sent)
+            inbox = torch.empty_like(enc)
+            inbox[me].copy_(enc[me])
+            reqs = self._post([enc[j] if j != me else None for j in range(world)],
+                              [inbox[j] if j != me else None for j in range(world)], group, tag=2 * r)
+            return dict(r=r, start=start, stop=stop, chunk=chunk, enc=enc, inbox=inbox, reqs=reqs)
 
-        # Owner: fp32 sum of the decoded copies, in rank order (same on every run), then the mean.
-        agg = torch.zeros(chunk, dtype=torch.float32, device=x.device)
-        for j in range(world):
-            up.decode(inbox[j], chunk, out=agg, accumulate=True)
-        agg.div_(world)
+        def finish_upload(st: dict) -> None:
+            for q in st["reqs"]:
+                q.wait()
+            chunk = st["chunk"]
+            # Owner: fp32 sum of the decoded copies in rank order (the same on every run), then the mean.
+            agg = up.decode_mean(st["inbox"], chunk, torch.empty(chunk, dtype=torch.float32, device=x.device))
+            if self.two_sided and ef:
+                agg = self.server_ef.add_residual((key, st["r"]), agg)
+            mine = down.encode(agg, generator=gen)
+            if self.two_sided and ef:
+                self.server_ef.store((key, st["r"]), agg, down.decode(mine, chunk))
+            outbox = torch.empty(world, mine.numel(), dtype=torch.uint8, device=x.device)
+            st.update(mine=mine, outbox=outbox, enc=None, inbox=None)
+            st["reqs"] = self._post([mine if j != me else None for j in range(world)],
+                                    [outbox[j] if j != me else None for j in range(world)], group,
+                                    tag=2 * st["r"] + 1)
 
-        # Download: the mean goes back in fp32 (1-sided) or re-encoded with the server-side residual (2-sided).
-        down = self.down_codec
-        if self.two_sided and self.error_feedback:
-            agg_t = self.server_ef.add_residual(key, agg)
-        else:
-            agg_t = agg
-        down_bytes = down.encoded_nbytes(chunk)
-        mine = down.encode(agg_t, generator=gen)
-        outbox = torch.empty(world, down_bytes, dtype=torch.uint8, device=x.device)
-        outbox[me].copy_(mine)
-        self._exchange([mine if j != me else None for j in range(world)],
-                       [outbox[j] if j != me else None for j in range(world)], group)
-        for j in range(world):
-            down.decode(outbox[j], chunk, out=padded[j * chunk : (j + 1) * chunk])
-        if self.two_sided and self.error_feedback:
-            self.server_ef.store(key, agg_t, padded[me * chunk : (me + 1) * chunk])
-        x.copy_(padded[:n])
+        def finish_download(st: dict) -> None:
+            for q in st["reqs"]:
+                q.wait()
+            chunk, start, stop = st["chunk"], st["start"], st["stop"]
+            full = chunk * world == stop - start
+            dst = x[start:stop] if full else torch.empty(chunk * world, dtype=torch.float32, device=x.device)
+            for j in range(world):
+                # Every rank, the owner included, decodes the same bytes: replicas end bit-identical.
+                down.decode(st["mine"] if j == me else st["outbox"][j], chunk, out=dst[j * chunk : (j + 1) * chunk])
+            if not full:
+                x[start:stop].copy_(dst[: stop - start])
+
+        uploading: deque = deque()
+        downloading: deque = deque()
+        for r, start in enumerate(range(0, n, per_round)):
+            uploading.append(start_upload(r, start))
+            if len(uploading) > 1:
+                st = uploading.popleft()
+                finish_upload(st)
+                downloading.append(st)
+            if len(downloading) > 1:
+                finish_download(downloading.popleft())
+        while uploading:
+            st = uploading.popleft()
+            finish_upload(st)
+            downloading.append(st)
+        while downloading:
+            finish_download(downloading.popleft())
 
     # ------------------------------------------------------------------------------------------------ theory
 
