@@ -21,19 +21,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q setuptools wheel
 	$(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev]' pyautoattack==0.2.0 matplotlib scipy
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
 data/digits/index.json: | $(STAMP)
 	$(PY) -m data_prep.digits data/digits
 
 # The demo: DAT-PGD with 2 ranks through the deepspeed launcher, a standard-trained model on the same split,
-# and the results table. Re-running it starts the demo runs afresh (runs/demo/ is the demo's own folder).
+# both evaluated with PGD-50x5 and AutoAttack through 2 ranks, and the results table. Re-running it starts the demo runs afresh (runs/demo/ is the demo's own folder).
 demo: setup data/digits/index.json
 	rm -rf runs/demo
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --module dat_ds.train recipes/digits_dat_pgd.toml --set out_dir=runs/demo
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --module dat_ds.train recipes/digits_standard.toml --set out_dir=runs/demo
-	$(PY) -m dat_ds.report runs/demo/digits_dat_pgd runs/demo/digits_standard
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --module dat_ds.evaluate runs/demo/digits_dat_pgd --eps-sweep 0.05,0.1,0.15,0.25,0.3
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --module dat_ds.evaluate runs/demo/digits_standard --eps-sweep 0.05,0.1,0.15,0.25,0.3
+	$(PY) -m dat_ds.report runs/demo/digits_dat_pgd runs/demo/digits_standard --out runs/demo/results.md
 
 test: setup
 	$(PY) -m pytest -q -ra tests

@@ -44,8 +44,25 @@ def setup(rate: str, mtu: int) -> None:
         sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
         sh("ip", "-n", ns, "link", "set", dev, "mtu", str(mtu), "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
-           "burst", "512kb", "latency", "50ms")
+        sh(
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            dev,
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "512kb",
+            "latency",
+            "50ms",
+        )
 
 
 def rate_bytes_per_s(rate: str) -> float:
@@ -61,13 +78,40 @@ def run(rate: str, mtu: int, reps: int, bucket_mb: float, only: str = "") -> dic
         out = Path(tempfile.mkdtemp()) / "comm.json"
         procs = []
         for r, (ns, dev) in enumerate(zip(NS, VETH, strict=True)):
-            env = dict(os.environ, MASTER_ADDR=ADDR[0], MASTER_PORT="29700", RANK=str(r), WORLD_SIZE="2",
-                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", GLOO_SOCKET_IFNAME=dev, OMP_NUM_THREADS="1",
-                       PYTHONUNBUFFERED="1")
-            cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "bench.comm_worker", "--out", str(out),
-                   "--reps", str(reps), "--bucket-mb", str(bucket_mb), "--only", only]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=None if r == 0 else subprocess.DEVNULL,
-                                          stderr=subprocess.STDOUT))
+            env = dict(
+                os.environ,
+                MASTER_ADDR=ADDR[0],
+                MASTER_PORT="29700",
+                RANK=str(r),
+                WORLD_SIZE="2",
+                LOCAL_RANK="0",
+                LOCAL_WORLD_SIZE="1",
+                GLOO_SOCKET_IFNAME=dev,
+                OMP_NUM_THREADS="1",
+                PYTHONUNBUFFERED="1",
+            )
+            cmd = [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                "-m",
+                "bench.comm_worker",
+                "--out",
+                str(out),
+                "--reps",
+                str(reps),
+                "--bucket-mb",
+                str(bucket_mb),
+                "--only",
+                only,
+            ]
+            procs.append(
+                subprocess.Popen(
+                    cmd, env=env, stdout=None if r == 0 else subprocess.DEVNULL, stderr=subprocess.STDOUT
+                )
+            )
         codes = [p.wait(timeout=1800) for p in procs]
         if any(codes):
             raise SystemExit(f"benchmark ranks exited with {codes}")
@@ -103,9 +147,12 @@ def table(res: dict, rate: str, cmd: str, mtu: int) -> str:
             f"| {r['name']} | {r['median_s'] * 1000:.0f} | {r['median_s'] / fp32:.2f} | {r['wire_sent_mb']:.1f} | "
             f"{floor * 1000:.0f} | {r['median_s'] / floor if floor > 0 else float('nan'):.2f} | {tr} | {th} |"
         )
-    lines += ["", "DDP rows are the time a hook adds to a backward pass of resnet50 (batch 2, 64 px) over the same "
-              "backward without communication (`no_sync`); DDP overlaps part of its communication with the "
-              "backward, so these are per-step costs, not isolated exchange times."]
+    lines += [
+        "",
+        "DDP rows are the time a hook adds to a backward pass of resnet50 (batch 2, 64 px) over the same "
+        "backward without communication (`no_sync`); DDP overlaps part of its communication with the "
+        "backward, so these are per-step costs, not isolated exchange times.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -42,8 +41,13 @@ def timed(fn, reps: int, warmup: int = 1) -> dict:
         w1, r1 = io_bytes()
         sent.append(w1 - w0)
         recv.append(r1 - r0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "wire_sent_mb": statistics.median(sent) / 1e6, "wire_recv_mb": statistics.median(recv) / 1e6}
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "wire_sent_mb": statistics.median(sent) / 1e6,
+        "wire_recv_mb": statistics.median(recv) / 1e6,
+    }
 
 
 def main() -> None:
@@ -67,9 +71,16 @@ def main() -> None:
     torch.manual_seed(0)
     model = timm.create_model("resnet50")
     numel = sum(p.numel() for p in model.parameters())
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                      config={"train_batch_size": world, "train_micro_batch_size_per_gpu": 1,
-                                              "zero_optimization": {"stage": 0}, "steps_per_print": 10**9})
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        config={
+            "train_batch_size": world,
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 0},
+            "steps_per_print": 10**9,
+        },
+    )
     g = torch.Generator().manual_seed(1 + rank)
     grads = [torch.randn(p.shape, generator=g) * 1e-2 for p in engine.module.parameters()]
 
@@ -83,7 +94,9 @@ def main() -> None:
         res.update(name=name, kind=kind, **extra)
         results["rows"].append(res)
         if rank == 0:
-            print(f"{name:38s} {res['median_s'] * 1000:8.1f} ms  sent {res['wire_sent_mb']:7.1f} MB", flush=True)
+            print(
+                f"{name:38s} {res['median_s'] * 1000:8.1f} ms  sent {res['wire_sent_mb']:7.1f} MB", flush=True
+            )
 
     # --- dat-ds through the engine
     settings = [
@@ -114,9 +127,17 @@ def main() -> None:
         res["median_s"] -= copy
         res["min_s"] -= copy
         res["max_s"] -= copy
-        record(name, "dat-ds", res, bits=s["bits"], two_sided=s.get("two_sided", False), topology=s["topology"],
-               transport_sent_mb=d.bytes_sent / d.calls / 1e6, transport_recv_mb=d.bytes_recv / d.calls / 1e6,
-               theory_mb=reducer.theory_bytes(numel, world) / 1e6)
+        record(
+            name,
+            "dat-ds",
+            res,
+            bits=s["bits"],
+            two_sided=s.get("two_sided", False),
+            topology=s["topology"],
+            transport_sent_mb=d.bytes_sent / d.calls / 1e6,
+            transport_recv_mb=d.bytes_recv / d.calls / 1e6,
+            theory_mb=reducer.theory_bytes(numel, world) / 1e6,
+        )
 
     if a.only:
         settings = []
@@ -164,8 +185,13 @@ def main() -> None:
     added(m, "DDP fp16_compress_hook (added to backward)")
 
     m = ddp_model()
-    state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2,
-                                        use_error_feedback=True, warm_start=True)
+    state = powerSGD_hook.PowerSGDState(
+        process_group=None,
+        matrix_approximation_rank=4,
+        start_powerSGD_iter=2,
+        use_error_feedback=True,
+        warm_start=True,
+    )
     previous: list = [None]
 
     def serialised_powersgd(st, bucket):

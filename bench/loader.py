@@ -75,23 +75,43 @@ def main(argv: list[str] | None = None) -> None:
         if not (shards / "index.json").exists():
             convert(tree, shards, shard_mb=8 if size == 224 else 1, val_labels=None, name=f"bench{size}")
         index = load_index(shards)
-        tf = transforms.Compose([transforms.RandomResizedCrop(size, antialias=True),
-                                 transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
+        tf = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(size, antialias=True),
+                transforms.RandomHorizontalFlip(),
+                transforms.PILToTensor(),
+            ]
+        )
         folder = datasets.ImageFolder(str(tree / "train"), transform=tf)
         for workers in (0, 2):
-            def imagefolder(workers=workers):
+
+            def imagefolder(workers=workers, folder=folder):
                 return DataLoader(folder, batch_size=64, shuffle=True, num_workers=workers, drop_last=True)
 
             def shardloader(workers=workers, index=index, size=size):
-                spec = StreamSpec(shards=index.split("train").shards, channels=3, augment="imagenet",
-                                  image_size=size, micro_batch=64, batches=N // 64, rank=0, world=1, seed=0,
-                                  epoch=0, shuffle_buffer=500, workers=workers)
+                spec = StreamSpec(
+                    shards=index.split("train").shards,
+                    channels=3,
+                    augment="imagenet",
+                    image_size=size,
+                    micro_batch=64,
+                    batches=N // 64,
+                    rank=0,
+                    world=1,
+                    seed=0,
+                    epoch=0,
+                    shuffle_buffer=500,
+                    workers=workers,
+                )
                 return make_train_loader(spec)
 
             r_folder, r_shard = rate(imagefolder), rate(shardloader)
             rows.append((size, workers, r_folder, r_shard))
-            print(f"{size} px, {workers} workers: ImageFolder {r_folder:.0f} img/s, shards {r_shard:.0f} img/s "
-                  f"({r_shard / r_folder:.2f}x)", flush=True)
+            print(
+                f"{size} px, {workers} workers: ImageFolder {r_folder:.0f} img/s, shards {r_shard:.0f} img/s "
+                f"({r_shard / r_folder:.2f}x)",
+                flush=True,
+            )
     lines = [
         "# Shard loader vs ImageFolder (same 2,000 real JPEGs, RandomResizedCrop + flip, batch 64)",
         "",

@@ -17,8 +17,18 @@ def launch(recipe: str, name: str, out_dir: Path, overrides: list[str], nproc: i
     """Run ``recipe`` as ``out_dir/name`` (replacing an earlier run of that name); return its metrics."""
     run = out_dir / name
     shutil.rmtree(run, ignore_errors=True)
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--module", "dat_ds.train", str(REPO / "recipes" / recipe),
-           "--set", f'out_dir="{out_dir}"', "--set", f'name="{name}"']
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--module",
+        "dat_ds.train",
+        str(REPO / "recipes" / recipe),
+        "--set",
+        f'out_dir="{out_dir}"',
+        "--set",
+        f'name="{name}"',
+    ]
     for o in overrides:
         cmd += ["--set", o]
     env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"), WANDB_SILENT="true")

@@ -44,8 +44,17 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
-        rand_init: bool = True, restarts: int = 1) -> torch.Tensor:
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    rand_init: bool = True,
+    restarts: int = 1,
+) -> torch.Tensor:
     """PGD-K (Madry et al. 2018). With restarts, keeps per example the first perturbation that fools the model."""
     x = x.detach().float()
     best = x.clone()
@@ -68,8 +77,15 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
     return best
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
-         rand_init: bool = True) -> torch.Tensor:
+def fgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    rand_init: bool = True,
+) -> torch.Tensor:
     """FGSM with random start ("Fast is better than free", Wong et al. 2020: step 1.25 eps)."""
     x = x.detach().float()
     delta = torch.empty_like(x).uniform_(-eps, eps) if rand_init else torch.zeros_like(x)

@@ -52,7 +52,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(int(v) for v in state["python_state"].tolist()), None))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0)
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -90,8 +92,12 @@ class Checkpointer:
         os.replace(tmp, path)
         dist.barrier()  # every rank's files are on disk
         if self.rank == 0:
-            meta = {"global_step": client_state["global_step"], "epoch": client_state["epoch"],
-                    "step_in_epoch": client_state["step_in_epoch"], "world_size": self.world}
+            meta = {
+                "global_step": client_state["global_step"],
+                "epoch": client_state["epoch"],
+                "step_in_epoch": client_state["step_in_epoch"],
+                "world_size": self.world,
+            }
             _atomic_write_text(self.dir / tag / MARKER, json.dumps(meta))
             _atomic_write_text(self.dir / "latest", tag)
             self._prune(tag)
@@ -112,7 +118,12 @@ class Checkpointer:
                 f"checkpoint {self.dir / tag} was written by {meta['world_size']} ranks, this run has {self.world}; "
                 "an exact resume needs the same world size (start a new run to change it)"
             )
-        _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_module_strict=True,
-                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+        _, client = engine.load_checkpoint(
+            str(self.dir),
+            tag=tag,
+            load_module_strict=True,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
         rank_state = torch.load(self.dir / tag / RANK_FILE.format(self.rank), weights_only=True)
         return client["dat"], rank_state

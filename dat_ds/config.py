@@ -37,7 +37,10 @@ class DataConfig:
     eval_limit: int = 0  # evaluate on the first N test samples only (0: all)
 
     def __post_init__(self) -> None:
-        _check(bool(self.shards), "data.shards is empty: point it at a folder made by data_prep/ (has index.json)")
+        _check(
+            bool(self.shards),
+            "data.shards is empty: point it at a folder made by data_prep/ (has index.json)",
+        )
         _check(self.workers >= 0, f"data.workers={self.workers} must be >= 0")
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
 
@@ -100,7 +103,10 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
-        _check(0 <= self.c_lower <= self.c_upper, "optim.c_lower <= optim.c_upper must hold (tau clips to [c_l, c_u])")
+        _check(
+            0 <= self.c_lower <= self.c_upper,
+            "optim.c_lower <= optim.c_upper must hold (tau clips to [c_l, c_u])",
+        )
         _check(self.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
         _check(list(self.milestones) == sorted(self.milestones), "optim.milestones must be increasing")
 

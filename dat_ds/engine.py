@@ -18,8 +18,12 @@ from .config import ConfigError, RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE_OWNED = (
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
-    "scheduler", "gradient_clipping",
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "gradient_clipping",
 )
 
 
@@ -61,11 +65,15 @@ def build_ds_config(cfg: RunConfig, world: int) -> dict[str, Any]:
         )
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage != 0 and (cfg.comm.bits != 32 or cfg.comm.topology != "hpc"):
-        raise ConfigError(f"{path}: ZeRO stage {stage} cannot carry compressed communication (comm.bits="
-                          f"{cfg.comm.bits}, topology={cfg.comm.topology}); use ds_configs/zero0_*.json")
+        raise ConfigError(
+            f"{path}: ZeRO stage {stage} cannot carry compressed communication (comm.bits="
+            f"{cfg.comm.bits}, topology={cfg.comm.topology}); use ds_configs/zero0_*.json"
+        )
     if stage != 0 and cfg.optim.name == "lalr":
-        raise ConfigError(f"{path}: ZeRO stage {stage} hands the optimizer flat partitions, so LALR's layer-wise "
-                          "norms would be wrong; use ds_configs/zero0_*.json")
+        raise ConfigError(
+            f"{path}: ZeRO stage {stage} hands the optimizer flat partitions, so LALR's layer-wise "
+            "norms would be wrong; use ds_configs/zero0_*.json"
+        )
     if ds.get("bf16", {}).get("enabled") and not torch.cuda.is_available():
         raise ConfigError(f"{path} enables bf16 but no CUDA device is present; use train.ds_config='auto'")
     ds["train_batch_size"] = cfg.train.global_batch_size

@@ -1,14 +1,38 @@
-"""Clean and PGD accuracy on a rank's share of a test split; counts are summed across ranks."""
+"""Robustness evaluation: clean accuracy (TA), PGD accuracy (RA), AutoAttack accuracy (AA), over ranks.
+
+Inside training, ``evaluate`` gives TA and RA on a rank's share of the test split each epoch.
+
+As a command, it evaluates a finished run (its exported ``model.safetensors``) with attacks stronger than the
+training one, on the whole test split or a fixed subset, split across ranks:
+
+    deepspeed --num_gpus 2 --module dat_ds.evaluate runs/demo/digits_dat_pgd --autoattack
+    python -m dat_ds.evaluate runs/demo/digits_dat_pgd --n 200 --seed 0 --eps-sweep 0.05,0.1,0.2,0.3
+
+The examples are cut into fixed chunks (``--chunk``); chunk ``c`` goes to rank ``c % world`` and every attack on
+it is seeded with ``seed + c``, so the per-example results, and the totals, are the same for any number of
+ranks. AutoAttack is its authors' code (``pyautoattack``: APGD-CE, APGD-T, FAB-T, Square, "standard" version),
+run per chunk; nothing of it is rewritten here. Rank 0 writes ``eval.json`` and plots into the run folder.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .attacks import pgd
+
+log = logging.getLogger("dat_ds")
 
 
 @dataclass
@@ -27,9 +51,18 @@ def to_input(x: torch.Tensor, device: torch.device, channels_last: bool = False)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def evaluate(model: nn.Module, loader, *, eps: float, steps: int, step_size: float, restarts: int,
-             device: torch.device, channels_last: bool = False) -> EvalCounts:
-    """Collective when a process group exists (one all_reduce of three counters)."""
+def evaluate(
+    model: nn.Module,
+    loader,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    restarts: int,
+    device: torch.device,
+    channels_last: bool = False,
+) -> EvalCounts:
+    """TA and RA on this rank's share; collective when a process group exists (one all_reduce of 3 counters)."""
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -47,3 +80,303 @@ def evaluate(model: nn.Module, loader, *, eps: float, steps: int, step_size: flo
     model.train(was_training)
     n, c, r = counts.tolist()
     return EvalCounts(n, c, r)
+
+
+# ------------------------------------------------------------------------------------ the evaluation command
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    eps: float
+    pgd_steps: int = 50
+    pgd_step_size: float = 0.0  # 0: 2.5 * eps / steps
+    pgd_restarts: int = 5
+    autoattack: bool = True
+    square_check: bool = True  # run Square alone as a gradient-masking check
+    seed: int = 0
+
+    @property
+    def step(self) -> float:
+        return self.pgd_step_size or 2.5 * self.eps / self.pgd_steps
+
+
+def chunk_results(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AttackSettings, seed: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Per-example correctness (bool tensors) under each attack, for one chunk, on one rank."""
+    x, y = x.to(device), y.to(device)
+    out = {}
+    with torch.no_grad():
+        out["clean"] = model(x).argmax(1) == y
+    torch.manual_seed(seed)
+    x_adv = pgd(model, x, y, eps=s.eps, step_size=s.step, steps=s.pgd_steps, restarts=s.pgd_restarts)
+    with torch.no_grad():
+        out["pgd"] = model(x_adv).argmax(1) == y
+    # Masking check: fewer steps and one restart must not be stronger than the main attack.
+    torch.manual_seed(seed)
+    short = max(1, s.pgd_steps // 5)
+    x_short = pgd(model, x, y, eps=s.eps, step_size=2.5 * s.eps / short, steps=short, restarts=1)
+    with torch.no_grad():
+        out["pgd_short"] = model(x_short).argmax(1) == y
+    if s.autoattack:
+        from pyautoattack import AutoAttack
+
+        aa = AutoAttack(model, eps=s.eps, norm="Linf", version="standard", seed=seed, device=device)
+        x_aa, _ = aa.run_standard_evaluation(x, y, batch_size=len(x))
+        with torch.no_grad():
+            out["autoattack"] = model(x_aa).argmax(1) == y
+        if s.square_check:
+            sq = AutoAttack(
+                model, eps=s.eps, norm="Linf", version="custom", attacks=["square"], seed=seed, device=device
+            )
+            sq.square.n_queries = 5000  # as in the standard suite
+            x_sq, _ = sq.run_standard_evaluation(x, y, batch_size=len(x))
+            with torch.no_grad():
+                out["square"] = model(x_sq).argmax(1) == y
+    return {k: v.cpu() for k, v in out.items()}
+
+
+def sanity_flags(acc: dict[str, float], n: int) -> list[str]:
+    """Warnings a careful evaluator raises; noise is two binomial standard errors."""
+    flags = []
+
+    def se(p: float) -> float:
+        return 2 * math.sqrt(max(p * (1 - p), 1 / n) / n)
+
+    if "autoattack" in acc and acc["autoattack"] > acc["pgd"] + se(acc["pgd"]):
+        flags.append(
+            f"AutoAttack accuracy {acc['autoattack']:.4f} is above PGD accuracy {acc['pgd']:.4f} beyond "
+            "sampling noise: AutoAttack is the stronger attack, so the evaluation is suspect"
+        )
+    if acc["pgd"] > acc["pgd_short"] + se(acc["pgd_short"]):
+        flags.append(
+            f"PGD accuracy rose with more steps/restarts ({acc['pgd_short']:.4f} -> {acc['pgd']:.4f}): "
+            "a sign of gradient masking"
+        )
+    if "square" in acc and acc["square"] < acc["pgd"] - se(acc["pgd"]):
+        flags.append(
+            f"black-box Square ({acc['square']:.4f}) beats white-box PGD ({acc['pgd']:.4f}): a sign of "
+            "gradient masking"
+        )
+    if acc["pgd"] > acc["clean"]:
+        flags.append("PGD accuracy above clean accuracy: the attack is not working")
+    return flags
+
+
+def select_indices(total: int, n: int, seed: int, indices_file: Path | None) -> list[int]:
+    if indices_file is not None:
+        idx = [int(t) for t in indices_file.read_text().split()]
+        bad = [i for i in idx if not 0 <= i < total]
+        if bad:
+            raise SystemExit(f"{indices_file}: indices {bad[:5]} are outside the test split (0..{total - 1})")
+        return sorted(set(idx))
+    if n and n < total:
+        g = torch.Generator().manual_seed(seed)
+        return sorted(torch.randperm(total, generator=g)[:n].tolist())
+    return list(range(total))
+
+
+def load_examples(index, wanted: list[int], mine: set[int], augment: str, image_size: int):
+    """Decode the test examples at positions ``mine`` of ``wanted``; returns {position: (x uint8, y)}."""
+    from .data.shards import read_shard
+    from .data.transforms import decode
+
+    need = {wanted[p]: p for p in mine}  # test-split index -> position
+    out = {}
+    start = 0
+    for shard in index.split("test").shards:
+        if any(g in need for g in range(start, start + shard.count)):
+            for g, s in enumerate(read_shard(shard.url, shard.count), start=start):
+                if g in need:
+                    out[need[g]] = (
+                        decode(
+                            s.image,
+                            channels=index.channels,
+                            augment=augment,
+                            train=False,
+                            image_size=image_size,
+                            rng=None,
+                        ),
+                        s.label,
+                    )
+        start += shard.count
+    return out
+
+
+def run_evaluation(
+    run_dir: Path,
+    s: AttackSettings,
+    *,
+    n: int,
+    indices_file: Path | None,
+    chunk: int,
+    eps_sweep: list[float],
+    model_file: Path | None,
+    sweep_autoattack: bool = False,
+) -> dict:
+    from .data.shards import load_index
+    from .export import load_exported
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = torch.device(
+        f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    )
+    path = model_file or run_dir / "model.safetensors"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: evaluate a finished run (training exports it at the end)")
+    model, meta = load_exported(path, device)
+    cfg = json.loads(meta["config"])
+    index = load_index(cfg["data"]["shards"])
+    total = index.split("test").count
+    wanted = select_indices(total, n, s.seed, indices_file)
+    chunks = [list(range(i, min(i + chunk, len(wanted)))) for i in range(0, len(wanted), chunk)]
+    my_chunks = [c for c in range(len(chunks)) if c % world == rank]
+    mine = {p for c in my_chunks for p in chunks[c]}
+    data = load_examples(
+        index, wanted, mine, cfg["data"]["augment"], cfg["data"]["image_size"] or index.image_size
+    )
+
+    results: dict[float, dict[str, torch.Tensor]] = {}
+    t0 = time.perf_counter()
+    for eps in [s.eps, *[e for e in eps_sweep if e != s.eps]]:
+        # The sweep's other radii get clean and PGD only, unless --sweep-autoattack asks for AutoAttack too.
+        full = eps == s.eps or sweep_autoattack
+        se = AttackSettings(
+            **{
+                **s.__dict__,
+                "eps": eps,
+                "autoattack": s.autoattack and full,
+                "square_check": s.square_check and eps == s.eps,
+            }
+        )
+        flags = {}
+        for c in my_chunks:
+            x = torch.stack([data[p][0] for p in chunks[c]]).float().div_(255)
+            y = torch.tensor([data[p][1] for p in chunks[c]])
+            r = chunk_results(model, x, y, se, s.seed + c, device)
+            for k, v in r.items():
+                flags.setdefault(k, torch.zeros(len(wanted), dtype=torch.int64))[chunks[c]] = v.long()
+        # Every rank fills its own chunks; a sum over ranks assembles the per-example table.
+        keys = (
+            ["clean", "pgd", "pgd_short"]
+            + (["autoattack"] if se.autoattack else [])
+            + (["square"] if se.autoattack and se.square_check else [])
+        )
+        table = torch.stack([flags.get(k, torch.zeros(len(wanted), dtype=torch.int64)) for k in keys])
+        if dist.is_initialized():
+            if dist.get_backend() == "nccl":
+                table = table.cuda()
+            dist.all_reduce(table)
+        results[eps] = {k: table[i].cpu().bool() for i, k in enumerate(keys)}
+    seconds = time.perf_counter() - t0
+
+    main_res = results[s.eps]
+    acc = {k: v.float().mean().item() for k, v in main_res.items()}
+    report = {
+        "clean_acc": acc["clean"],
+        "pgd_acc": acc["pgd"],
+        "autoattack_acc": acc.get("autoattack"),
+        "pgd_short_acc": acc["pgd_short"],
+        "square_acc": acc.get("square"),
+        "n_examples": len(wanted),
+        "world_size": world,
+        "eval_time_s": seconds,
+        "attacks": {
+            "norm": "Linf",
+            "eps": s.eps,
+            "pgd_steps": s.pgd_steps,
+            "pgd_step_size": s.step,
+            "pgd_restarts": s.pgd_restarts,
+            "pgd_short_steps": max(1, s.pgd_steps // 5),
+            "autoattack": "pyautoattack standard (apgd-ce, apgd-t, fab-t, square)" if s.autoattack else None,
+            "seed": s.seed,
+            "chunk": chunk,
+        },
+        "subset": {"n": n, "seed": s.seed, "indices_file": str(indices_file) if indices_file else None},
+        "per_eps": {
+            str(e): {k: v.float().mean().item() for k, v in r.items()} for e, r in sorted(results.items())
+        },
+        "flags": sanity_flags(acc, len(wanted)),
+        "model": str(path),
+    }
+    if rank == 0:
+        tmp = run_dir / "eval.json.tmp"
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, run_dir / "eval.json")
+        from .plots import plot_acc_vs_eps, plot_curves
+
+        plot_curves(run_dir)
+        if len(results) > 1:
+            plot_acc_vs_eps(run_dir, report["per_eps"])
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path)
+    p.add_argument(
+        "--model", type=Path, default=None, help="a safetensors export (default: RUN_DIR/model.safetensors)"
+    )
+    p.add_argument("--eps", type=float, default=None, help="l-inf radius (default: the run's attack.eps)")
+    p.add_argument("--pgd-steps", type=int, default=50)
+    p.add_argument("--pgd-step-size", type=float, default=0.0)
+    p.add_argument("--pgd-restarts", type=int, default=5)
+    p.add_argument("--no-autoattack", action="store_true")
+    p.add_argument("--no-square-check", action="store_true")
+    p.add_argument("--n", type=int, default=0, help="evaluate a random subset of N test examples (0: all)")
+    p.add_argument("--indices", type=Path, default=None, help="file of test-split indices to evaluate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk", type=int, default=100, help="examples per chunk (the unit of work and seeding)")
+    p.add_argument("--eps-sweep", default="", help="comma-separated extra radii for the accuracy-vs-eps plot")
+    p.add_argument(
+        "--sweep-autoattack", action="store_true", help="run AutoAttack at every radius of the sweep"
+    )
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if not (a.run_dir / "config.json").is_file():
+        print(f"dat-ds: error: {a.run_dir} is not a dat-ds run folder (no config.json)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, force=True)
+    eps = a.eps if a.eps is not None else json.loads((a.run_dir / "config.json").read_text())["attack"]["eps"]
+    s = AttackSettings(
+        eps=eps,
+        pgd_steps=a.pgd_steps,
+        pgd_step_size=a.pgd_step_size,
+        pgd_restarts=a.pgd_restarts,
+        autoattack=not a.no_autoattack,
+        square_check=not a.no_square_check,
+        seed=a.seed,
+    )
+    sweep = [float(v) for v in a.eps_sweep.split(",") if v.strip()]
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        from .engine import init_distributed
+
+        init_distributed()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    report = run_evaluation(
+        a.run_dir,
+        s,
+        n=a.n,
+        indices_file=a.indices,
+        chunk=a.chunk,
+        eps_sweep=sweep,
+        model_file=a.model,
+        sweep_autoattack=a.sweep_autoattack,
+    )
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        aa = report["autoattack_acc"]
+        print(
+            f"TA {100 * report['clean_acc']:.2f}  RA (PGD-{s.pgd_steps}x{s.pgd_restarts}) "
+            f"{100 * report['pgd_acc']:.2f}  AA {'-' if aa is None else f'{100 * aa:.2f}'}  "
+            f"n={report['n_examples']}  ranks={report['world_size']}  {report['eval_time_s']:.1f}s"
+        )
+        for f in report["flags"]:
+            print(f"WARNING: {f}")
+    if dist.is_initialized():
+        dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

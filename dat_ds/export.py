@@ -21,12 +21,22 @@ from .models import NormalizedModel, build_model
 
 
 def export_safetensors(model: NormalizedModel, cfg: RunConfig, index: ShardIndex, path: Path) -> Path:
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.net.state_dict().items()
-               if v.is_floating_point()}
-    tensors.update({k: v.detach().cpu() for k, v in model.net.state_dict().items() if not v.is_floating_point()})
-    meta = {"model": cfg.model.name, "num_classes": str(index.num_classes), "in_chans": str(index.channels),
-            "mean": json.dumps(list(index.mean)), "std": json.dumps(list(index.std)),
-            "config": json.dumps(cfg.to_dict())}
+    tensors = {
+        k: v.detach().float().contiguous().cpu()
+        for k, v in model.net.state_dict().items()
+        if v.is_floating_point()
+    }
+    tensors.update(
+        {k: v.detach().cpu() for k, v in model.net.state_dict().items() if not v.is_floating_point()}
+    )
+    meta = {
+        "model": cfg.model.name,
+        "num_classes": str(index.num_classes),
+        "in_chans": str(index.channels),
+        "mean": json.dumps(list(index.mean)),
+        "std": json.dumps(list(index.std)),
+        "config": json.dumps(cfg.to_dict()),
+    }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -39,7 +49,12 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    model = build_model(ModelConfig(name=meta["model"]), int(meta["num_classes"]), int(meta["in_chans"]),
-                        json.loads(meta["mean"]), json.loads(meta["std"]))
+    model = build_model(
+        ModelConfig(name=meta["model"]),
+        int(meta["num_classes"]),
+        int(meta["in_chans"]),
+        json.loads(meta["mean"]),
+        json.loads(meta["std"]),
+    )
     model.net.load_state_dict(load_file(str(path), device=str(device)))
     return model.to(device).eval(), meta

@@ -57,8 +57,16 @@ class _PreActBlock(nn.Module):
 class PreActResNet(nn.Module):
     """Pre-activation ResNet (He et al. 2016) / WideResNet (Zagoruyko & Komodakis 2016) for 32 px inputs."""
 
-    def __init__(self, widths: Sequence[int], depths: Sequence[int], num_classes: int = 10, in_chans: int = 3,
-                 stem: int = 64, drop_rate: float = 0.0, **_: object):
+    def __init__(
+        self,
+        widths: Sequence[int],
+        depths: Sequence[int],
+        num_classes: int = 10,
+        in_chans: int = 3,
+        stem: int = 64,
+        drop_rate: float = 0.0,
+        **_: object,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.stem = nn.Conv2d(in_chans, stem, 3, 1, 1, bias=False)
@@ -80,16 +88,20 @@ class PreActResNet(nn.Module):
 class DigitsCNN(nn.Module):
     """Three 3x3 conv-BN-ReLU layers for 8x8 inputs (the demo's model)."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32, drop_rate: float = 0.0,
-                 **_: object):
+    def __init__(
+        self, num_classes: int = 10, in_chans: int = 1, width: int = 32, drop_rate: float = 0.0, **_: object
+    ):
         super().__init__()
         self.num_classes = num_classes
 
         def block(a: int, b: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(a, b, 3, 1, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
+            return nn.Sequential(
+                nn.Conv2d(a, b, 3, 1, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True)
+            )
 
-        self.features = nn.Sequential(block(in_chans, width), block(width, 2 * width), nn.MaxPool2d(2),
-                                      block(2 * width, 4 * width))
+        self.features = nn.Sequential(
+            block(in_chans, width), block(width, 2 * width), nn.MaxPool2d(2), block(2 * width, 4 * width)
+        )
         self.fc = nn.Linear(4 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,10 +154,16 @@ def check_model_name(name: str) -> None:
 def build_net(cfg: ModelConfig, num_classes: int, in_chans: int) -> nn.Module:
     """The bare timm network (what the exported safetensors hold)."""
     check_model_name(cfg.name)
-    return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, in_chans=in_chans,
-                             drop_rate=cfg.drop_rate)
+    return timm.create_model(
+        cfg.name,
+        pretrained=cfg.pretrained,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        drop_rate=cfg.drop_rate,
+    )
 
 
-def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, mean: Sequence[float],
-                std: Sequence[float]) -> NormalizedModel:
+def build_model(
+    cfg: ModelConfig, num_classes: int, in_chans: int, mean: Sequence[float], std: Sequence[float]
+) -> NormalizedModel:
     return NormalizedModel(build_net(cfg, num_classes, in_chans), mean, std)

@@ -27,7 +27,9 @@ def _method(cfg: dict) -> str:
 def summarize(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
-        raise SystemExit(f"{run_dir} has no metrics.jsonl: is it a dat-ds run folder, and did the run finish an epoch?")
+        raise SystemExit(
+            f"{run_dir} has no metrics.jsonl: is it a dat-ds run folder, and did the run finish an epoch?"
+        )
     cfg = json.loads((run_dir / "config.json").read_text())
     recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     last = recs[-1]
@@ -47,7 +49,9 @@ def summarize(run_dir: Path) -> dict:
     ev = run_dir / "eval.json"
     if ev.is_file():
         e = json.loads(ev.read_text())
-        row.update(TA=e.get("clean_acc", row["TA"]), RA=e.get("pgd_acc", row["RA"]), AA=e.get("autoattack_acc"))
+        row.update(
+            TA=e.get("clean_acc", row["TA"]), RA=e.get("pgd_acc", row["RA"]), AA=e.get("autoattack_acc")
+        )
     return row
 
 
@@ -60,7 +64,9 @@ def _fmt(v, pct: bool = False) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| run | method | p×q | batch | TA % | RA % | AA % | C (s/epoch) | T (s/epoch) | MB/iter | epochs |"
+    head = (
+        "| run | method | p×q | batch | TA % | RA % | AA % | C (s/epoch) | T (s/epoch) | MB/iter | epochs |"
+    )
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(

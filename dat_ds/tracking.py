@@ -26,12 +26,25 @@ def wandb_mode(setting: str) -> str:
 
 
 class Tracker(NullTracker):
-    def __init__(self, run_dir: Path, config: dict[str, Any], *, mode: str, project: str, group: str, name: str,
-                 epochs_done: int | None):
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        *,
+        mode: str,
+        project: str,
+        group: str,
+        name: str,
+        epochs_done: int | None,
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         if epochs_done is not None and self.path.exists():
             # Drop records of epochs the resumed run will redo (a kill between the metrics line and the checkpoint).
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= epochs_done]
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln and json.loads(ln)["epoch"] <= epochs_done
+            ]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(k + "\n" for k in kept))
             os.replace(tmp, self.path)
@@ -45,8 +58,16 @@ class Tracker(NullTracker):
             os.environ.setdefault("WANDB_CACHE_DIR", str(Path(run_dir) / ".wandb_cache"))
             id_file = Path(run_dir) / "wandb_id.txt"
             run_id = id_file.read_text().strip() if (epochs_done is not None and id_file.exists()) else None
-            self.run = wandb.init(project=project, group=group or None, name=name, id=run_id, resume="allow",
-                                  config=config, dir=str(run_dir), mode=mode)
+            self.run = wandb.init(
+                project=project,
+                group=group or None,
+                name=name,
+                id=run_id,
+                resume="allow",
+                config=config,
+                dir=str(run_dir),
+                mode=mode,
+            )
             id_file.write_text(self.run.id)
 
     def log_epoch(self, record: dict[str, Any]) -> None:

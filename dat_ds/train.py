@@ -70,15 +70,23 @@ class TrainState:
     train_seconds: float = 0.0
 
     def client_state(self, cfg: RunConfig) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "config": cfg.to_dict()}
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "config": cfg.to_dict(),
+        }
 
     def rank_state(self) -> dict:
         from .checkpoint import rng_state
 
-        return {"rng": rng_state(), "sums": self.sums.clone(),
-                "timers": torch.tensor([self.comm_seconds, float(self.comm_bytes), self.train_seconds],
-                                       dtype=torch.float64)}
+        return {
+            "rng": rng_state(),
+            "sums": self.sums.clone(),
+            "timers": torch.tensor(
+                [self.comm_seconds, float(self.comm_bytes), self.train_seconds], dtype=torch.float64
+            ),
+        }
 
 
 def attack_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
@@ -104,8 +112,13 @@ def train_step(engine, batch: tuple[torch.Tensor, torch.Tensor], cfg: RunConfig,
     engine.step()  # at the boundary: gradient reduction (dat_ds.comm), clipping, optimizer, LR schedule
     with torch.no_grad():
         n = len(y)
-        state.sums += torch.stack([loss.detach().double().cpu() * n, torch.tensor(n, dtype=torch.float64),
-                                   (logits.argmax(1) == y).sum().double().cpu()])
+        state.sums += torch.stack(
+            [
+                loss.detach().double().cpu() * n,
+                torch.tensor(n, dtype=torch.float64),
+                (logits.argmax(1) == y).sum().double().cpu(),
+            ]
+        )
 
 
 def replicas_identical(model: torch.nn.Module) -> bool:
@@ -126,8 +139,13 @@ def replicas_identical(model: torch.nn.Module) -> bool:
 
 
 def _setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        stream=sys.stdout,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
     for noisy in ("DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -184,12 +202,20 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim, cfg.train.global_batch_size)
     schedule = build_schedule(optimizer, cfg.optim, plan.steps_per_epoch, cfg.train.epochs)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=plan.ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=plan.ds_config
+    )
     c = cfg.comm
-    reducer = GradientReducer(bits=c.bits, two_sided=c.two_sided, topology=c.topology, rounding=c.rounding,
-                              error_feedback=c.error_feedback, block_size=c.block_size, bucket_mb=c.bucket_mb,
-                              seed=cfg.train.seed)
+    reducer = GradientReducer(
+        bits=c.bits,
+        two_sided=c.two_sided,
+        topology=c.topology,
+        rounding=c.rounding,
+        error_feedback=c.error_feedback,
+        block_size=c.block_size,
+        bucket_mb=c.bucket_mb,
+        seed=cfg.train.seed,
+    )
     engine_seam.install(engine, reducer)
 
     ckpt = Checkpointer(run_dir, cfg.checkpoint.keep, rank, world)
@@ -201,28 +227,60 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
         tag = resume
     if tag is not None:
         client, rank_state = ckpt.load(engine, tag)
-        state = TrainState(epoch=client["epoch"], step_in_epoch=client["step_in_epoch"],
-                           global_step=client["global_step"], sums=rank_state["sums"])
+        state = TrainState(
+            epoch=client["epoch"],
+            step_in_epoch=client["step_in_epoch"],
+            global_step=client["global_step"],
+            sums=rank_state["sums"],
+        )
         state.comm_seconds, comm_bytes, state.train_seconds = rank_state["timers"].tolist()
         state.comm_bytes = int(comm_bytes)
         set_rng_state(rank_state["rng"])
         reducer.reset_state()
         if rank == 0:
-            log.info("resumed from %s: epoch %d, step %d", ckpt.dir / tag, state.epoch + 1, state.step_in_epoch)
+            log.info(
+                "resumed from %s: epoch %d, step %d", ckpt.dir / tag, state.epoch + 1, state.step_in_epoch
+            )
 
-    tracker = (Tracker(run_dir, cfg.to_dict(), mode=wandb_mode(cfg.log.wandb_mode), project=cfg.log.project,
-                       group=cfg.log.group, name=cfg.name, epochs_done=state.epoch if tag else None)
-               if rank == 0 else NullTracker())
+    tracker = (
+        Tracker(
+            run_dir,
+            cfg.to_dict(),
+            mode=wandb_mode(cfg.log.wandb_mode),
+            project=cfg.log.project,
+            group=cfg.log.group,
+            name=cfg.name,
+            epochs_done=state.epoch if tag else None,
+        )
+        if rank == 0
+        else NullTracker()
+    )
     pin = engine.device.type == "cuda"
     image_size = cfg.data.image_size or index.image_size
-    eval_loader = make_eval_loader(index, "test", rank=rank, world=world, augment=cfg.data.augment,
-                                   image_size=image_size, batch_size=cfg.eval.batch_size, limit=cfg.data.eval_limit,
-                                   workers=cfg.data.workers, pin_memory=pin)
+    eval_loader = make_eval_loader(
+        index,
+        "test",
+        rank=rank,
+        world=world,
+        augment=cfg.data.augment,
+        image_size=image_size,
+        batch_size=cfg.eval.batch_size,
+        limit=cfg.data.eval_limit,
+        workers=cfg.data.workers,
+        pin_memory=pin,
+    )
     log_every = cfg.train.log_every or max(1, plan.steps_per_epoch // 10)
     if rank == 0:
-        log.info("world %d | global batch %d = %d micro x %d ranks x %d accum | %d steps/epoch | %s",
-                 world, cfg.train.global_batch_size, cfg.train.micro_batch_size, world, plan.grad_accum,
-                 plan.steps_per_epoch, run_dir)
+        log.info(
+            "world %d | global batch %d = %d micro x %d ranks x %d accum | %d steps/epoch | %s",
+            world,
+            cfg.train.global_batch_size,
+            cfg.train.micro_batch_size,
+            world,
+            plan.grad_accum,
+            plan.steps_per_epoch,
+            run_dir,
+        )
 
     comm_mark = reducer.stats.snapshot()  # reducer counters when this epoch (or the resumed part) began
     reduce_mark = reducer.stats.snapshot()  # for the exactly-once check, per epoch of this process
@@ -234,7 +292,9 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     def save(tag_name: str) -> None:
         from timm.utils import distribute_bn
 
-        distribute_bn(engine.module, world, reduce=True)  # DeepSpeed never syncs BN buffers; rank 0's are saved
+        distribute_bn(
+            engine.module, world, reduce=True
+        )  # DeepSpeed never syncs BN buffers; rank 0's are saved
         rank_state = state.rank_state()
         rank_state["timers"][:2] = torch.tensor(epoch_comm(), dtype=torch.float64)
         ckpt.save(engine, tag_name, state.client_state(cfg), rank_state)
@@ -242,11 +302,21 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     last_record: dict = {}
     while state.epoch < cfg.train.epochs:
         epoch = state.epoch
-        spec = StreamSpec(shards=index.split("train").shards, channels=index.channels, augment=cfg.data.augment,
-                          image_size=image_size, micro_batch=cfg.train.micro_batch_size,
-                          batches=plan.steps_per_epoch * plan.grad_accum, rank=rank, world=world,
-                          seed=cfg.train.seed, epoch=epoch, skip=state.step_in_epoch * plan.grad_accum,
-                          shuffle_buffer=cfg.data.shuffle_buffer, workers=cfg.data.workers)
+        spec = StreamSpec(
+            shards=index.split("train").shards,
+            channels=index.channels,
+            augment=cfg.data.augment,
+            image_size=image_size,
+            micro_batch=cfg.train.micro_batch_size,
+            batches=plan.steps_per_epoch * plan.grad_accum,
+            rank=rank,
+            world=world,
+            seed=cfg.train.seed,
+            epoch=epoch,
+            skip=state.step_in_epoch * plan.grad_accum,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            workers=cfg.data.workers,
+        )
         engine.train()
         resumed_steps = state.step_in_epoch
         t_seg = time.perf_counter()
@@ -258,18 +328,29 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
                 continue
             state.step_in_epoch += 1
             state.global_step += 1
-            if rank == 0 and (state.step_in_epoch % log_every == 0 or state.step_in_epoch == plan.steps_per_epoch):
+            if rank == 0 and (
+                state.step_in_epoch % log_every == 0 or state.step_in_epoch == plan.steps_per_epoch
+            ):
                 s = state.sums.tolist()
-                log.info("epoch %d/%d step %d/%d | loss %.4f | adv acc %.3f | lr %.4g", epoch + 1,
-                         cfg.train.epochs, state.step_in_epoch, plan.steps_per_epoch, s[0] / max(s[1], 1),
-                         s[2] / max(s[1], 1), engine.get_lr()[0])
+                log.info(
+                    "epoch %d/%d step %d/%d | loss %.4f | adv acc %.3f | lr %.4g",
+                    epoch + 1,
+                    cfg.train.epochs,
+                    state.step_in_epoch,
+                    plan.steps_per_epoch,
+                    s[0] / max(s[1], 1),
+                    s[2] / max(s[1], 1),
+                    engine.get_lr()[0],
+                )
             every = cfg.checkpoint.every_steps
             if every and state.global_step % every == 0 and state.step_in_epoch < plan.steps_per_epoch:
                 state.train_seconds += time.perf_counter() - t_seg
                 save(f"step{state.global_step:08d}")
                 t_seg = time.perf_counter()
         state.train_seconds += time.perf_counter() - t_seg
-        assert micro == plan.steps_per_epoch * plan.grad_accum, "every rank runs the same number of micro-batches"
+        assert micro == plan.steps_per_epoch * plan.grad_accum, (
+            "every rank runs the same number of micro-batches"
+        )
 
         from timm.utils import distribute_bn
 
@@ -277,14 +358,22 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
         sums = state.sums.clone()
         dist.all_reduce(sums)  # loss and adversarial accuracy over all ranks
         comm_s, comm_b = epoch_comm()
-        record = {"epoch": epoch + 1, "train_loss": sums[0].item() / sums[1].item(),
-                  "train_adv_acc": sums[2].item() / sums[1].item(), "lr": engine.get_lr()[0],
-                  "epoch_time_s": state.train_seconds, "comm_time_s": comm_s,
-                  "images_per_s": sums[1].item() / max(state.train_seconds, 1e-9),
-                  "data_mb_per_iter": comm_b / plan.steps_per_epoch / 1e6,
-                  "data_mb_per_iter_theory": reducer.theory_bytes(
-                      sum(p.numel() for p in engine.module.parameters()), world) / 1e6,
-                  "steps": state.global_step, "world_size": world}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": sums[0].item() / sums[1].item(),
+            "train_adv_acc": sums[2].item() / sums[1].item(),
+            "lr": engine.get_lr()[0],
+            "epoch_time_s": state.train_seconds,
+            "comm_time_s": comm_s,
+            "images_per_s": sums[1].item() / max(state.train_seconds, 1e-9),
+            "data_mb_per_iter": comm_b / plan.steps_per_epoch / 1e6,
+            "data_mb_per_iter_theory": reducer.theory_bytes(
+                sum(p.numel() for p in engine.module.parameters()), world
+            )
+            / 1e6,
+            "steps": state.global_step,
+            "world_size": world,
+        }
         d = reducer.stats.since(reduce_mark)
         steps_here = plan.steps_per_epoch - resumed_steps
         record["grad_values_reduced_per_step"] = d.numel / max(steps_here, 1)
@@ -293,16 +382,29 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
         if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
             t0 = time.perf_counter()
             e = cfg.attack.eps
-            counts = evaluate(engine.module, eval_loader, eps=e, steps=cfg.eval.pgd_steps,
-                              step_size=cfg.eval.pgd_step_size or 2.5 * e / cfg.eval.pgd_steps,
-                              restarts=cfg.eval.pgd_restarts, device=engine.device,
-                              channels_last=cfg.model.channels_last)
+            counts = evaluate(
+                engine.module,
+                eval_loader,
+                eps=e,
+                steps=cfg.eval.pgd_steps,
+                step_size=cfg.eval.pgd_step_size or 2.5 * e / cfg.eval.pgd_steps,
+                restarts=cfg.eval.pgd_restarts,
+                device=engine.device,
+                channels_last=cfg.model.channels_last,
+            )
             record["clean_acc"], record["pgd_acc"] = counts.acc()
             record["eval_n"] = counts.n
             record["eval_time_s"] = time.perf_counter() - t0
         if rank == 0:
-            log.info("epoch %d | %s", epoch + 1, " ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch"))
+            log.info(
+                "epoch %d | %s",
+                epoch + 1,
+                " ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in record.items()
+                    if k != "epoch"
+                ),
+            )
         tracker.log_epoch(record)
         last_record = record
         state = TrainState(epoch=epoch + 1, global_step=state.global_step)
@@ -322,12 +424,20 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a TOML recipe under recipes/")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value (repeatable), e.g. --set train.epochs=3")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe value (repeatable), e.g. --set train.epochs=3",
+    )
     p.add_argument("--resume", default="none", help="'auto' (newest complete checkpoint), 'none', or a tag")
     p.add_argument("--check", action="store_true", help="validate the recipe and data, then exit")
     p.add_argument("--world-size", type=int, default=None, help="with --check: the world size to plan for")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # set by the deepspeed launcher
     args = p.parse_args(argv)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -339,15 +449,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dat-ds: error: {e}", file=sys.stderr)
         return 2
     if args.check:
-        print(f"ok: {args.recipe} | world {world} | accumulation {plan.grad_accum} | "
-              f"{plan.steps_per_epoch} steps/epoch | {plan.index.split('train').count} train samples")
+        print(
+            f"ok: {args.recipe} | world {world} | accumulation {plan.grad_accum} | "
+            f"{plan.steps_per_epoch} steps/epoch | {plan.index.split('train').count} train samples"
+        )
         return 0
-    if args.resume in ("none", "") and (cfg.run_dir / "checkpoints").is_dir() and any(
-            (cfg.run_dir / "checkpoints").iterdir()):
+    if (
+        args.resume in ("none", "")
+        and (cfg.run_dir / "checkpoints").is_dir()
+        and any((cfg.run_dir / "checkpoints").iterdir())
+    ):
         if rank == 0:
-            print(f"dat-ds: error: {cfg.run_dir} already holds checkpoints of an earlier run; continue it with "
-                  f"--resume auto, or start a new one with --set name=<new name> (nothing was overwritten)",
-                  file=sys.stderr)
+            print(
+                f"dat-ds: error: {cfg.run_dir} already holds checkpoints of an earlier run; continue it with "
+                f"--resume auto, or start a new one with --set name=<new name> (nothing was overwritten)",
+                file=sys.stderr,
+            )
         return 2
     try:
         run(cfg, plan, args.resume)

@@ -25,9 +25,13 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 class _SafeUnpickler(pickle.Unpickler):
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):
@@ -70,14 +74,18 @@ def convert(src: Path, out: Path, per_shard: int) -> None:
             samples += to_samples(load_batch(f), split, len(samples))
         splits[split] = write_split(samples, out, split, per_shard)
         print(f"{name} {split}: {len(samples)} images in {len(splits[split])} shards")
-    write_index(out, name=name, num_classes=classes, channels=3, image_size=32, mean=mean, std=std, splits=splits)
+    write_index(
+        out, name=name, num_classes=classes, channels=3, image_size=32, mean=mean, std=std, splits=splits
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=Path)
     p.add_argument("out", type=Path)
-    p.add_argument("--per-shard", type=int, default=1000, help="images per shard (default 1000: 50 train shards)")
+    p.add_argument(
+        "--per-shard", type=int, default=1000, help="images per shard (default 1000: 50 train shards)"
+    )
     a = p.parse_args(argv)
     convert(a.src, a.out, a.per_shard)
 

@@ -50,8 +50,16 @@ def main(argv: list[str] | None = None) -> None:
         "test": write_split(test, a.out, "test", -(-len(test) // 2)),
     }
     pix = np.concatenate([np.asarray(Image.open(io.BytesIO(s.image))).ravel() for s in train]) / 255.0
-    write_index(a.out, name="digits", num_classes=10, channels=1, image_size=8, mean=[float(pix.mean())],
-                std=[float(pix.std())], splits=splits)
+    write_index(
+        a.out,
+        name="digits",
+        num_classes=10,
+        channels=1,
+        image_size=8,
+        mean=[float(pix.mean())],
+        std=[float(pix.std())],
+        splits=splits,
+    )
     print(f"digits: {len(train)} train in {len(splits['train'])} shards, {len(test)} test -> {a.out}")
 
 

@@ -42,7 +42,9 @@ def list_split(root: Path, split: str, classes: list[str], val_labels: Path | No
     for p in files:
         wnid = p.parent.name
         if wnid not in cls:
-            raise SystemExit(f"{p}: folder {wnid} is not a class of train/ (or pass --val-labels for a flat val/)")
+            raise SystemExit(
+                f"{p}: folder {wnid} is not a class of train/ (or pass --val-labels for a flat val/)"
+            )
         out.append((p, cls[wnid]))
     return out
 
@@ -74,16 +76,32 @@ def convert(src: Path, out: Path, shard_mb: float, val_labels: Path | None, name
         for i, group in enumerate(shard_plan(files, int(shard_mb * 2**20))):
             fname = f"{split}-{i:06d}.tar"
             if not (out / fname).exists():
-                write_tar(out / fname, [
-                    Sample(key=f"{split}_{p.stem}", image=p.read_bytes(),
-                           ext="png" if p.suffix.lower() == ".png" else "jpg", label=label)
-                    for p, label in group
-                ])
+                write_tar(
+                    out / fname,
+                    [
+                        Sample(
+                            key=f"{split}_{p.stem}",
+                            image=p.read_bytes(),
+                            ext="png" if p.suffix.lower() == ".png" else "jpg",
+                            label=label,
+                        )
+                        for p, label in group
+                    ],
+                )
             entries.append({"file": fname, "count": len(group)})
         splits["test" if split == "val" else split] = entries
         print(f"{split}: {len(files)} images in {len(entries)} shards")
-    write_index(out, name=name, num_classes=len(classes), channels=3, image_size=0, mean=IMAGENET_MEAN,
-                std=IMAGENET_STD, splits=splits, extra={"classes": classes})
+    write_index(
+        out,
+        name=name,
+        num_classes=len(classes),
+        channels=3,
+        image_size=0,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        splits=splits,
+        extra={"classes": classes},
+    )
     (out / "classes.json").write_text(json.dumps(classes))
 
 

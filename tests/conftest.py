@@ -28,25 +28,53 @@ def digits_dir(tmp_path_factory) -> Path:
 
 def launch_env(tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp), WANDB_CACHE_DIR=str(tmp / "wc"),
-               PYTHONUNBUFFERED="1", TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        WANDB_DIR=str(tmp),
+        WANDB_CACHE_DIR=str(tmp / "wc"),
+        PYTHONUNBUFFERED="1",
+        TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"),
+    )
     env.pop("WANDB_API_KEY", None)
     return env
 
 
-def deepspeed_cmd(recipe: str, overrides: list[str], nproc: int = 2, port: int = 29611,
-                  extra: list[str] | None = None) -> list[str]:
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), "--module",
-           "dat_ds.train", str(REPO / "recipes" / recipe)]
+def deepspeed_cmd(
+    recipe: str, overrides: list[str], nproc: int = 2, port: int = 29611, extra: list[str] | None = None
+) -> list[str]:
+    cmd = [
+        str(VENV_BIN / "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(port),
+        "--module",
+        "dat_ds.train",
+        str(REPO / "recipes" / recipe),
+    ]
     for o in overrides:
         cmd += ["--set", o]
     return cmd + (extra or [])
 
 
-def run_launcher(tmp: Path, recipe: str, overrides: list[str], nproc: int = 2, port: int = 29611,
-                 extra: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(deepspeed_cmd(recipe, overrides, nproc, port, extra), cwd=REPO, env=launch_env(tmp),
-                          capture_output=True, text=True, timeout=timeout)
+def run_launcher(
+    tmp: Path,
+    recipe: str,
+    overrides: list[str],
+    nproc: int = 2,
+    port: int = 29611,
+    extra: list[str] | None = None,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        deepspeed_cmd(recipe, overrides, nproc, port, extra),
+        cwd=REPO,
+        env=launch_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc
 
 
@@ -63,7 +91,9 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     t0 = time.time()
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended before {path} appeared: {proc.stdout.read() if proc.stdout else ''}")
+            raise AssertionError(
+                f"run ended before {path} appeared: {proc.stdout.read() if proc.stdout else ''}"
+            )
         if time.time() - t0 > timeout:
             raise AssertionError(f"{path} did not appear in {timeout}s")
         time.sleep(0.05)

@@ -68,7 +68,9 @@ def test_restarts_never_weaker(model, batch):
     torch.manual_seed(3)
     one = (model(pgd(model, x, y, eps=0.1, step_size=0.03, steps=3)).argmax(1) == y).float().mean()
     torch.manual_seed(3)
-    five = (model(pgd(model, x, y, eps=0.1, step_size=0.03, steps=3, restarts=5)).argmax(1) == y).float().mean()
+    five = (
+        (model(pgd(model, x, y, eps=0.1, step_size=0.03, steps=3, restarts=5)).argmax(1) == y).float().mean()
+    )
     assert five <= one
 
 

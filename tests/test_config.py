@@ -64,13 +64,18 @@ def test_ds_config_may_not_restate_the_recipe(tmp_path):
 def test_ds_config_batch_comes_from_recipe():
     cfg = load_config("recipes/digits_dat_pgd.toml", ["train.micro_batch_size=32"])
     ds = build_ds_config(cfg, 2)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
-        128, 32, 2)
+    assert (
+        ds["train_batch_size"],
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+    ) == (128, 32, 2)
 
 
 def test_compression_refused_under_zero1():
-    cfg = load_config("recipes/digits_dat_pgd.toml",
-                      ['train.ds_config="zero1_bf16.json"', "comm.bits=8", 'comm.topology="ps"'])
+    cfg = load_config(
+        "recipes/digits_dat_pgd.toml",
+        ['train.ds_config="zero1_bf16.json"', "comm.bits=8", 'comm.topology="ps"'],
+    )
     with pytest.raises(ConfigError, match="ZeRO stage 1 cannot carry compressed communication"):
         build_ds_config(cfg, 2)
 
@@ -80,11 +85,33 @@ def test_cli_errors_before_any_rank_work(capsys, tmp_path, digits_dir):
     assert "model.name='resnet9000' is not a timm model" in capsys.readouterr().err
     assert main(["recipes/digits_dat_pgd.toml", "--check", "--set", f'data.shards="{tmp_path}/nope"']) == 2
     assert f"shard folder {tmp_path}/nope does not exist" in capsys.readouterr().err
-    assert main(["recipes/digits_dat_pgd.toml", "--check", "--world-size", "3",
-                 "--set", f'data.shards="{digits_dir}"']) == 2
+    assert (
+        main(
+            [
+                "recipes/digits_dat_pgd.toml",
+                "--check",
+                "--world-size",
+                "3",
+                "--set",
+                f'data.shards="{digits_dir}"',
+            ]
+        )
+        == 2
+    )
     assert "pick a global batch that is a multiple of 192" in capsys.readouterr().err
-    assert main(["recipes/digits_dat_pgd.toml", "--check", "--world-size", "2",
-                 "--set", f'data.shards="{digits_dir}"']) == 0
+    assert (
+        main(
+            [
+                "recipes/digits_dat_pgd.toml",
+                "--check",
+                "--world-size",
+                "2",
+                "--set",
+                f'data.shards="{digits_dir}"',
+            ]
+        )
+        == 0
+    )
     assert "11 steps/epoch" in capsys.readouterr().out
 
 

@@ -23,16 +23,36 @@ def uneven_dir(tmp_path_factory):
     for i, n in enumerate(UNEVEN):
         entries += write_split(list(itertools.islice(it, n)), out, f"train{i}", n)
     tests = write_split(test[:50], out, "testa", 31) + write_split(test[50:57], out, "testb", 7)
-    write_index(out, name="uneven", num_classes=10, channels=1, image_size=8, mean=[0.3], std=[0.4],
-                splits={"train": entries, "test": tests})
+    write_index(
+        out,
+        name="uneven",
+        num_classes=10,
+        channels=1,
+        image_size=8,
+        mean=[0.3],
+        std=[0.4],
+        splits={"train": entries, "test": tests},
+    )
     return out
 
 
 def spec_for(index, rank, world, *, epoch=0, skip=0, workers=0, micro=16, batches=None):
     n = index.split("train").count
-    return StreamSpec(shards=index.split("train").shards, channels=1, augment="none", image_size=8,
-                      micro_batch=micro, batches=batches or batches_per_epoch(n, micro * world), rank=rank,
-                      world=world, seed=7, epoch=epoch, skip=skip, shuffle_buffer=64, workers=workers)
+    return StreamSpec(
+        shards=index.split("train").shards,
+        channels=1,
+        augment="none",
+        image_size=8,
+        micro_batch=micro,
+        batches=batches or batches_per_epoch(n, micro * world),
+        rank=rank,
+        world=world,
+        seed=7,
+        epoch=epoch,
+        skip=skip,
+        shuffle_buffer=64,
+        workers=workers,
+    )
 
 
 def keys_of(spec):
@@ -63,7 +83,9 @@ def test_every_rank_gets_the_same_number_of_batches(uneven_dir, world, workers):
     for rank in range(world):
         spec = spec_for(index, rank, world, workers=workers)
         batches = list(make_train_loader(spec))
-        assert all(x.shape == (16, 1, 8, 8) and x.dtype == torch.uint8 and y.shape == (16,) for x, y in batches)
+        assert all(
+            x.shape == (16, 1, 8, 8) and x.dtype == torch.uint8 and y.shape == (16,) for x, y in batches
+        )
         counts.append(len(batches))
     assert counts == [batches_per_epoch(300, 16 * world)] * world
 
@@ -101,8 +123,9 @@ def test_eval_split_covers_every_example_once(uneven_dir, world, limit):
     index = load_index(uneven_dir)
     seen = collections.Counter()
     for rank in range(world):
-        for x, y in make_eval_loader(index, "test", rank=rank, world=world, augment="none", image_size=8,
-                                     batch_size=8, limit=limit):
+        for x, y in make_eval_loader(
+            index, "test", rank=rank, world=world, augment="none", image_size=8, batch_size=8, limit=limit
+        ):
             seen.update(x.flatten(1).sum(1).tolist())
             seen["n"] += len(y)
     assert seen["n"] == (limit or 57)

@@ -20,7 +20,7 @@ def imagenet_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("inet")
     photos = load_sample_images().images
     for split, n in (("train", 5), ("val", 1)):
-        for c, (wnid, photo) in enumerate(zip(("n01440764", "n01443537"), photos, strict=True)):
+        for wnid, photo in zip(("n01440764", "n01443537"), photos, strict=True):
             d = root / split / wnid
             d.mkdir(parents=True)
             for i in range(n):
@@ -42,12 +42,23 @@ def test_imagenet_shards_copy_jpeg_bytes(imagenet_tree, tmp_path):
         for s in read_shard(info.url, info.count):
             assert s.ext == "jpg" and s.image in originals, "JPEG bytes are copied, never re-encoded"
 
-    spec = StreamSpec(shards=index.split("train").shards, channels=3, augment="imagenet", image_size=64,
-                      micro_batch=5, batches=2, rank=0, world=1, seed=0, epoch=0)
+    spec = StreamSpec(
+        shards=index.split("train").shards,
+        channels=3,
+        augment="imagenet",
+        image_size=64,
+        micro_batch=5,
+        batches=2,
+        rank=0,
+        world=1,
+        seed=0,
+        epoch=0,
+    )
     batches = list(make_train_loader(spec))
     assert [x.shape for x, _ in batches] == [(5, 3, 64, 64)] * 2
-    (x, y), = list(make_eval_loader(index, "test", rank=0, world=1, augment="imagenet", image_size=64,
-                                    batch_size=8))
+    ((x, y),) = list(
+        make_eval_loader(index, "test", rank=0, world=1, augment="imagenet", image_size=64, batch_size=8)
+    )
     assert x.shape == (2, 3, 64, 64) and sorted(y.tolist()) == [0, 1]
 
 
@@ -63,8 +74,12 @@ def test_imagenet_crop_decode_matches_full_decode(imagenet_tree):
     x0, y0, cw, ch = transforms._center_box(*img.size, 64)
     ref = torch.from_numpy(np.array(img.resize((64, 64), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))))
     assert (fast.permute(1, 2, 0).float() - ref.float()).abs().mean() < 6.0
-    a = transforms.decode(data, channels=3, augment="imagenet", train=True, image_size=32, rng=random.Random(1))
-    b = transforms.decode(data, channels=3, augment="imagenet", train=True, image_size=32, rng=random.Random(1))
+    a = transforms.decode(
+        data, channels=3, augment="imagenet", train=True, image_size=32, rng=random.Random(1)
+    )
+    b = transforms.decode(
+        data, channels=3, augment="imagenet", train=True, image_size=32, rng=random.Random(1)
+    )
     assert torch.equal(a, b)
 
 
@@ -93,8 +108,18 @@ def test_cifar_batches_to_shards(tmp_path, digits_dir):
     index = load_index(tmp_path / "out")
     assert index.name == "cifar10" and index.split("train").count == 60 and index.split("test").count == 20
     assert [s.count for s in index.split("train").shards] == [25, 25, 10]
-    spec = StreamSpec(shards=index.split("train").shards, channels=3, augment="cifar", image_size=32,
-                      micro_batch=10, batches=3, rank=0, world=1, seed=0, epoch=0)
+    spec = StreamSpec(
+        shards=index.split("train").shards,
+        channels=3,
+        augment="cifar",
+        image_size=32,
+        micro_batch=10,
+        batches=3,
+        rank=0,
+        world=1,
+        seed=0,
+        epoch=0,
+    )
     assert [x.shape for x, _ in make_train_loader(spec)] == [(10, 3, 32, 32)] * 3
 
 

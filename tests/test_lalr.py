@@ -32,7 +32,10 @@ def test_one_step_matches_closed_form():
     g = torch.Generator().manual_seed(0)
     cases = {
         "ordinary": (torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)),
-        "tau clipped above (||w|| > c_u)": (torch.randn(64, 64, generator=g) * 3, torch.randn(64, 64, generator=g)),
+        "tau clipped above (||w|| > c_u)": (
+            torch.randn(64, 64, generator=g) * 3,
+            torch.randn(64, 64, generator=g),
+        ),
         "tau clipped below (||w|| < c_l)": (torch.randn(5, generator=g) * 1e-3, torch.randn(5, generator=g)),
         "zero weight norm": (torch.zeros(6), torch.randn(6, generator=g)),
         "zero gradient (zero-init BN)": (torch.randn(7, generator=g), torch.zeros(7)),
@@ -41,7 +44,9 @@ def test_one_step_matches_closed_form():
     params = [torch.nn.Parameter(w.clone()) for w, _ in cases.values()]
     for p, (_, gr) in zip(params, cases.values(), strict=True):
         p.grad = gr.clone()
-    opt = LALR(params, lr=kw["lr"], weight_decay=kw["wd"], c_lower=kw["c_l"], c_upper=kw["c_u"], eps=kw["eps"])
+    opt = LALR(
+        params, lr=kw["lr"], weight_decay=kw["wd"], c_lower=kw["c_l"], c_upper=kw["c_u"], eps=kw["eps"]
+    )
     opt.step()
     for (name, (w, gr)), p in zip(cases.items(), params, strict=True):
         ref = reference_step(w, gr, **kw)
@@ -116,8 +121,11 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
         flat = torch.cat([p.grad.flatten() for p in net.parameters()])
         reducer.reduce_(flat)
         torch._utils._unflatten_dense_tensors(flat, [p.grad for p in net.parameters()])
-        for p, g in zip(net.parameters(), torch._utils._unflatten_dense_tensors(flat, [p.grad for p in net.parameters()]),
-                        strict=True):
+        for p, g in zip(
+            net.parameters(),
+            torch._utils._unflatten_dense_tensors(flat, [p.grad for p in net.parameters()]),
+            strict=True,
+        ):
             p.grad.copy_(g)
         opt.step()
         ratios.append(opt.last_trust_ratios[0].clone())
@@ -142,11 +150,17 @@ def _ckpt_worker(rank: int, port: int, ckdir: str, out: str) -> None:
 
     from dat_ds.engine import skip_cpu_shm_build
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
     skip_cpu_shm_build()
     deepspeed.init_distributed(dist_backend="gloo")
-    cfg = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 0},
-           "steps_per_print": 10**9}
+    cfg = {
+        "train_batch_size": 8,
+        "train_micro_batch_size_per_gpu": 8,
+        "zero_optimization": {"stage": 0},
+        "steps_per_print": 10**9,
+    }
 
     def engine():
         torch.manual_seed(0)
@@ -170,14 +184,17 @@ def _ckpt_worker(rank: int, port: int, ckdir: str, out: str) -> None:
     sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
     steps = [float(v["step"]) for v in sb["state"].values()]  # read now: the state tensors update in place
     step(b, 99)
-    same_params = all(torch.equal(p, q) for p, q in zip(a.module.parameters(), b.module.parameters(), strict=True))
+    same_params = all(
+        torch.equal(p, q) for p, q in zip(a.module.parameters(), b.module.parameters(), strict=True)
+    )
     torch.save({"same_params": same_params, "steps": steps, "n_state": len(sa["state"])}, out)
 
 
 def test_state_roundtrips_through_a_deepspeed_checkpoint(tmp_path):
     out = tmp_path / "res.pt"
-    mp.start_processes(_ckpt_worker, args=(_free_port(), str(tmp_path / "ck"), str(out)), nprocs=1,
-                       start_method="spawn")
+    mp.start_processes(
+        _ckpt_worker, args=(_free_port(), str(tmp_path / "ck"), str(out)), nprocs=1, start_method="spawn"
+    )
     r = torch.load(out, weights_only=True)
     assert r["n_state"] == 4 and r["steps"] == [3.0] * 4
     assert r["same_params"], "the step after loading equals the step after saving, bit for bit"

@@ -52,7 +52,9 @@ def test_two_ranks_train_evaluate_track_checkpoint_export(tmp_path, digits_dir):
     index = load_index(digits_dir)
     net.eval()
     correct = 0
-    for x, y in make_eval_loader(index, "test", rank=0, world=1, augment="none", image_size=8, batch_size=360):
+    for x, y in make_eval_loader(
+        index, "test", rank=0, world=1, augment="none", image_size=8, batch_size=360
+    ):
         with torch.no_grad():
             correct += (net((x.float() / 255 - index.mean[0]) / index.std[0]).argmax(1) == y).sum().item()
     assert correct / 360 == pytest.approx(recs[-1]["clean_acc"], abs=1e-9)
@@ -64,13 +66,21 @@ def test_two_ranks_train_evaluate_track_checkpoint_export(tmp_path, digits_dir):
 
 def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tmp_path, digits_dir):
     common = ["train.epochs=3", "train.deterministic=true", "checkpoint.every_steps=4", "attack.steps=3"]
-    ref = run_launcher(tmp_path, "digits_dat_pgd.toml", base(tmp_path, digits_dir, "ref", *common), port=29631)
+    ref = run_launcher(
+        tmp_path, "digits_dat_pgd.toml", base(tmp_path, digits_dir, "ref", *common), port=29631
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     ov = base(tmp_path, digits_dir, "killed", *common)
-    proc = subprocess.Popen(deepspeed_cmd("digits_dat_pgd.toml", ov, port=29632), cwd=REPO,
-                            env=launch_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        deepspeed_cmd("digits_dat_pgd.toml", ov, port=29632),
+        cwd=REPO,
+        env=launch_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     # 11 steps an epoch: step 16 is mid-epoch 2; kill right after its checkpoint completes.
     wait_for(tmp_path / "killed" / "checkpoints" / "step00000016" / "COMPLETE", proc)
     time.sleep(0.3)
@@ -91,10 +101,42 @@ def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tmp_path, digits_dir)
 
 
 def test_three_ranks(tmp_path, digits_dir):
-    ov = base(tmp_path, digits_dir, "three", "train.epochs=1", "train.global_batch_size=96",
-              "train.micro_batch_size=32", "attack.steps=2")
+    ov = base(
+        tmp_path,
+        digits_dir,
+        "three",
+        "train.epochs=1",
+        "train.global_batch_size=96",
+        "train.micro_batch_size=32",
+        "attack.steps=2",
+    )
     proc = run_launcher(tmp_path, "digits_dat_pgd.toml", ov, nproc=3, port=29641)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (r,) = read_metrics(tmp_path / "three")
     assert r["world_size"] == 3 and r["steps"] == 1437 // 96 and r["eval_n"] == 360
     assert r["replicas_identical"] is True and r["grad_values_reduced_per_step"] == DIGITS_CNN_PARAMS
+
+
+def test_lalr_with_8bit_two_sided_compression_and_accumulation(tmp_path, digits_dir):
+    ov = base(
+        tmp_path,
+        digits_dir,
+        "lalr8",
+        "train.epochs=2",
+        "train.micro_batch_size=32",
+        "attack.steps=2",
+        'optim.name="lalr"',
+        "optim.lr=0.01",
+        'comm.topology="ps"',
+        "comm.bits=8",
+        "comm.two_sided=true",
+        "comm.error_feedback=true",
+        'comm.rounding="stochastic"',
+    )
+    proc = run_launcher(tmp_path, "digits_dat_pgd.toml", ov, port=29651)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in read_metrics(tmp_path / "lalr8"):
+        assert r["replicas_identical"] is True
+        assert r["grad_values_reduced_per_step"] == DIGITS_CNN_PARAMS and r["reduce_calls_per_step"] == 1
+        assert abs(r["data_mb_per_iter"] / r["data_mb_per_iter_theory"] - 1) < 0.03
+    assert r["clean_acc"] > 0.5

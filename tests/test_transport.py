@@ -49,11 +49,18 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         r.reduce_(y)
         replicas = [torch.empty_like(y) for _ in range(world)]
         dist.all_gather(replicas, y)
-        results[i] = dict(y=y, identical=all(torch.equal(replicas[0], t) for t in replicas),
-                          sent=r.stats.bytes_sent, recv=r.stats.bytes_recv, theory=r.theory_bytes(N, world))
+        results[i] = dict(
+            y=y,
+            identical=all(torch.equal(replicas[0], t) for t in replicas),
+            sent=r.stats.bytes_sent,
+            recv=r.stats.bytes_recv,
+            theory=r.theory_bytes(N, world),
+        )
     if rank == 0:
-        torch.save(dict(results=results, exact=exact, plain=plain, inputs=torch.stack(everyone)),
-                   os.path.join(out_dir, "out.pt"))
+        torch.save(
+            dict(results=results, exact=exact, plain=plain, inputs=torch.stack(everyone)),
+            os.path.join(out_dir, "out.pt"),
+        )
     dist.destroy_process_group()
 
 

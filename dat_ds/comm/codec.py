@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------ kernels (pure functions)
 
 
-def _quantize(blocks: torch.Tensor, noise: torch.Tensor | None, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize(
+    blocks: torch.Tensor, noise: torch.Tensor | None, qmax: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     amax = blocks.abs().amax(dim=1, keepdim=True)
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))  # an all-zero block encodes to zeros
     q = blocks / scale
@@ -84,8 +86,15 @@ def _mean4(packed, scales, out):
     out.copy_(vals.sum(0).reshape(-1) / packed.shape[0])
 
 
-_EAGER = {"enc8": _enc8, "enc16": _enc16, "enc4": _enc4, "dec": _dec, "dec4": _dec4, "mean": _mean,
-          "mean4": _mean4}
+_EAGER = {
+    "enc8": _enc8,
+    "enc16": _enc16,
+    "enc4": _enc4,
+    "dec": _dec,
+    "dec4": _dec4,
+    "mean": _mean,
+    "mean4": _mean4,
+}
 _COMPILED: dict[str, object] = {}
 _compile_failed = False
 
@@ -137,8 +146,9 @@ class Codec:
             return 4 * n
         return 4 * (n // self.block) + n * self.bits // 8
 
-    def encode(self, x: torch.Tensor, out: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(
+        self, x: torch.Tensor, out: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Flat fp32 ``x`` -> uint8 buffer. For bits < 32, ``x.numel()`` must be a multiple of ``block``."""
         n = x.numel()
         if out is None:
@@ -157,8 +167,9 @@ class Codec:
         out[4 * nb :].copy_(codes.reshape(-1).view(torch.uint8))
         return out
 
-    def decode(self, buf: torch.Tensor, n: int, out: torch.Tensor | None = None,
-               accumulate: bool = False) -> torch.Tensor:
+    def decode(
+        self, buf: torch.Tensor, n: int, out: torch.Tensor | None = None, accumulate: bool = False
+    ) -> torch.Tensor:
         """uint8 buffer -> ``n`` fp32 values, written to (or, with ``accumulate``, added into) ``out``."""
         if out is None:
             out = torch.zeros(n, dtype=torch.float32, device=buf.device)
@@ -186,8 +197,13 @@ class Codec:
         if self.bits == 4:
             _run("mean4", n, codes.reshape(world, nb, -1), scales, out)
         else:
-            _run("mean", n, codes.view(torch.int16 if self.bits == 16 else torch.int8).reshape(world, nb, -1),
-                 scales, out)
+            _run(
+                "mean",
+                n,
+                codes.view(torch.int16 if self.bits == 16 else torch.int8).reshape(world, nb, -1),
+                scales,
+                out,
+            )
         return out
 
     def roundtrip(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

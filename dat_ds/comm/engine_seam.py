@@ -20,8 +20,13 @@ from ..config import ConfigError
 from .transport import GradientReducer
 
 SUPPORTED_DEEPSPEED = ((0, 19, 8), (0, 20, 0))  # [low, high)
-SEAM_CALL_CHAIN = ("allreduce_gradients", "buffered_allreduce_fallback", "allreduce_no_retain",
-                   "allreduce_and_copy", "allreduce_bucket")
+SEAM_CALL_CHAIN = (
+    "allreduce_gradients",
+    "buffered_allreduce_fallback",
+    "allreduce_no_retain",
+    "allreduce_and_copy",
+    "allreduce_bucket",
+)
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -49,7 +54,9 @@ def check_seam(engine_cls: type) -> None:
     """The engine methods the seam relies on exist with the expected signatures."""
     for name in SEAM_CALL_CHAIN:
         if not callable(getattr(engine_cls, name, None)):
-            raise RuntimeError(f"DeepSpeedEngine.{name} is gone: the gradient seam moved; see dat_ds/comm/engine_seam.py")
+            raise RuntimeError(
+                f"DeepSpeedEngine.{name} is gone: the gradient seam moved; see dat_ds/comm/engine_seam.py"
+            )
     params = list(inspect.signature(engine_cls.allreduce_bucket).parameters)
     if params[:3] != ["self", "bucket", "dp_group"]:
         raise RuntimeError(f"DeepSpeedEngine.allreduce_bucket{params} changed signature; see engine_seam.py")
@@ -65,8 +72,10 @@ def install(engine, reducer: GradientReducer) -> None:
             "dat-ds's compressed aggregation cannot reach; use a ds_config with zero_optimization.stage 0"
         )
     if not engine.gradient_average or engine.gradient_predivide_factor() != 1.0:
-        raise ConfigError("ds_config: dat-ds averages gradients itself; drop gradient_predivide_factor / "
-                          "gradient_average=false")
+        raise ConfigError(
+            "ds_config: dat-ds averages gradients itself; drop gradient_predivide_factor / "
+            "gradient_average=false"
+        )
     if getattr(engine, "sequence_parallel_size", 1) != 1:
         raise ConfigError("sequence parallelism is not supported with dat-ds's gradient reducer")
 

@@ -49,9 +49,18 @@ def _sync(device: torch.device) -> None:
 class GradientReducer:
     """Averages a flat gradient across the group, in place, with the configured codec and topology."""
 
-    def __init__(self, *, bits: int = 32, two_sided: bool = False, topology: str = "hpc",
-                 rounding: str = "nearest", error_feedback: bool = False, block_size: int = 512,
-                 bucket_mb: float = 25.0, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        bits: int = 32,
+        two_sided: bool = False,
+        topology: str = "hpc",
+        rounding: str = "nearest",
+        error_feedback: bool = False,
+        block_size: int = 512,
+        bucket_mb: float = 25.0,
+        seed: int = 0,
+    ):
         if topology == "hpc" and bits not in (32, 16):
             raise ValueError("topology 'hpc' carries 32 or 16 bits; use 'ps' for fewer")
         self.topology = topology
@@ -118,13 +127,20 @@ class GradientReducer:
         self.stats.bytes_sent += ring
         self.stats.bytes_recv += ring
 
-    def _post(self, send: list[torch.Tensor | None], recv: list[torch.Tensor | None], group, tag: int) -> list:
+    def _post(
+        self, send: list[torch.Tensor | None], recv: list[torch.Tensor | None], group, tag: int
+    ) -> list:
         """Point-to-point with every peer, receives posted before sends; returns the requests to wait on."""
+
         def peer_rank(j: int) -> int:
             return dist.get_global_rank(group, j) if group is not None else j
 
-        ops = [dist.P2POp(dist.irecv, b, peer_rank(j), group, tag) for j, b in enumerate(recv) if b is not None]
-        ops += [dist.P2POp(dist.isend, b, peer_rank(j), group, tag) for j, b in enumerate(send) if b is not None]
+        ops = [
+            dist.P2POp(dist.irecv, b, peer_rank(j), group, tag) for j, b in enumerate(recv) if b is not None
+        ]
+        ops += [
+            dist.P2POp(dist.isend, b, peer_rank(j), group, tag) for j, b in enumerate(send) if b is not None
+        ]
         self.stats.bytes_sent += sum(b.numel() for b in send if b is not None)
         self.stats.bytes_recv += sum(b.numel() for b in recv if b is not None)
         return dist.batch_isend_irecv(ops) if ops else []
@@ -160,8 +176,12 @@ class GradientReducer:
                 self.worker_ef.store((key, r), src, sent)
             inbox = torch.empty_like(enc)
             inbox[me].copy_(enc[me])
-            reqs = self._post([enc[j] if j != me else None for j in range(world)],
-                              [inbox[j] if j != me else None for j in range(world)], group, tag=2 * r)
+            reqs = self._post(
+                [enc[j] if j != me else None for j in range(world)],
+                [inbox[j] if j != me else None for j in range(world)],
+                group,
+                tag=2 * r,
+            )
             return dict(r=r, start=start, stop=stop, chunk=chunk, enc=enc, inbox=inbox, reqs=reqs)
 
         def finish_upload(st: dict) -> None:
@@ -177,9 +197,12 @@ class GradientReducer:
                 self.server_ef.store((key, st["r"]), agg, down.decode(mine, chunk))
             outbox = torch.empty(world, mine.numel(), dtype=torch.uint8, device=x.device)
             st.update(mine=mine, outbox=outbox, enc=None, inbox=None)
-            st["reqs"] = self._post([mine if j != me else None for j in range(world)],
-                                    [outbox[j] if j != me else None for j in range(world)], group,
-                                    tag=2 * st["r"] + 1)
+            st["reqs"] = self._post(
+                [mine if j != me else None for j in range(world)],
+                [outbox[j] if j != me else None for j in range(world)],
+                group,
+                tag=2 * st["r"] + 1,
+            )
 
         def finish_download(st: dict) -> None:
             for q in st["reqs"]:
@@ -189,7 +212,9 @@ class GradientReducer:
             dst = x[start:stop] if full else torch.empty(chunk * world, dtype=torch.float32, device=x.device)
             for j in range(world):
                 # Every rank, the owner included, decodes the same bytes: replicas end bit-identical.
-                down.decode(st["mine"] if j == me else st["outbox"][j], chunk, out=dst[j * chunk : (j + 1) * chunk])
+                down.decode(
+                    st["mine"] if j == me else st["outbox"][j], chunk, out=dst[j * chunk : (j + 1) * chunk]
+                )
             if not full:
                 x[start:stop].copy_(dst[: stop - start])
 

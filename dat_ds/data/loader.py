@@ -57,7 +57,9 @@ def batches_per_epoch(n_samples: int, global_batch: int) -> int:
     return steps
 
 
-def _slot_shards(shards: tuple[ShardInfo, ...], slot: int, n_slots: int, rng: random.Random) -> list[ShardInfo]:
+def _slot_shards(
+    shards: tuple[ShardInfo, ...], slot: int, n_slots: int, rng: random.Random
+) -> list[ShardInfo]:
     order = list(shards)
     rng.shuffle(order)
     mine = order[slot::n_slots]
@@ -113,7 +115,12 @@ class TrainStream(IterableDataset):
         for pos, sample in enumerate(itertools.islice(raw, need), start=skip * s.micro_batch):
             rng = random.Random(hash((s.seed, s.epoch, slot, pos)))
             img = decode(
-                sample.image, channels=s.channels, augment=s.augment, train=True, image_size=s.image_size, rng=rng
+                sample.image,
+                channels=s.channels,
+                augment=s.augment,
+                train=True,
+                image_size=s.image_size,
+                rng=rng,
             )
             batch.append((img, sample.label))
             if len(batch) == s.micro_batch:
@@ -123,8 +130,18 @@ class TrainStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    def __init__(self, index: ShardIndex, split: str, *, rank: int, world: int, augment: Augment, image_size: int,
-                 batch_size: int, limit: int = 0):
+    def __init__(
+        self,
+        index: ShardIndex,
+        split: str,
+        *,
+        rank: int,
+        world: int,
+        augment: Augment,
+        image_size: int,
+        batch_size: int,
+        limit: int = 0,
+    ):
         super().__init__()
         self.shards = index.split(split).shards
         self.channels = index.channels
@@ -151,8 +168,14 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batch: list = []
         for sample in self._mine():
-            img = decode(sample.image, channels=self.channels, augment=self.augment, train=False,
-                         image_size=self.image_size, rng=None)
+            img = decode(
+                sample.image,
+                channels=self.channels,
+                augment=self.augment,
+                train=False,
+                image_size=self.image_size,
+                rng=None,
+            )
             batch.append((img, sample.label))
             if len(batch) == self.batch_size:
                 yield _collate(batch)
@@ -179,10 +202,30 @@ def make_train_loader(spec: StreamSpec, pin_memory: bool = False) -> DataLoader:
     )
 
 
-def make_eval_loader(index: ShardIndex, split: str, *, rank: int, world: int, augment: Augment, image_size: int,
-                     batch_size: int, limit: int = 0, workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    ds = EvalStream(index, split, rank=rank, world=world, augment=augment, image_size=image_size,
-                    batch_size=batch_size, limit=limit)
+def make_eval_loader(
+    index: ShardIndex,
+    split: str,
+    *,
+    rank: int,
+    world: int,
+    augment: Augment,
+    image_size: int,
+    batch_size: int,
+    limit: int = 0,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    ds = EvalStream(
+        index,
+        split,
+        rank=rank,
+        world=world,
+        augment=augment,
+        image_size=image_size,
+        batch_size=batch_size,
+        limit=limit,
+    )
     # One worker: the eval stream is not split across workers (it is small next to training).
-    return DataLoader(ds, batch_size=None, num_workers=min(workers, 1), pin_memory=pin_memory,
-                      generator=_own_generator())
+    return DataLoader(
+        ds, batch_size=None, num_workers=min(workers, 1), pin_memory=pin_memory, generator=_own_generator()
+    )

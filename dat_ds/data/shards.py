@@ -142,7 +142,9 @@ def load_index(root: str | Path, *, check_files: bool = True) -> ShardIndex:
             f"shard folder {root} does not exist; make it with data_prep/ (e.g. python -m data_prep.digits {root})"
         )
     if not path.is_file():
-        raise ShardError(f"{path} is missing: {root} was not written by data_prep/ or its conversion did not finish")
+        raise ShardError(
+            f"{path} is missing: {root} was not written by data_prep/ or its conversion did not finish"
+        )
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -190,7 +192,9 @@ def _tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
         try:
             size = int(size_field or b"0", 8)
         except ValueError:
-            raise ShardError(f"shard {url} has a corrupt tar header; re-run the data_prep converter") from None
+            raise ShardError(
+                f"shard {url} has a corrupt tar header; re-run the data_prep converter"
+            ) from None
         kind = header[156:157]
         payload = stream.read(size)
         if len(payload) < size:

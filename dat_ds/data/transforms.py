@@ -27,7 +27,9 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, c).permute(2, 0, 1)
 
 
-def _rrc_box(rng: random.Random, w: int, h: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def _rrc_box(
+    rng: random.Random, w: int, h: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop.get_params, drawn from ``rng``."""
     area = w * h
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))

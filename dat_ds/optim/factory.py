@@ -24,11 +24,13 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             (norms_biases if p.ndim <= 1 else weights).append(p)
     groups = [{"params": weights, "weight_decay": cfg.weight_decay, "adapt": True}]
     if norms_biases:
-        groups.append({
-            "params": norms_biases,
-            "weight_decay": cfg.weight_decay if cfg.wd_on_norm_and_bias else 0.0,
-            "adapt": cfg.adapt_norm_and_bias,
-        })
+        groups.append(
+            {
+                "params": norms_biases,
+                "weight_decay": cfg.weight_decay if cfg.wd_on_norm_and_bias else 0.0,
+                "adapt": cfg.adapt_norm_and_bias,
+            }
+        )
     return groups
 
 
@@ -39,8 +41,16 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> to
         for g in groups:
             g.pop("adapt")
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return LALR(groups, lr=lr, moments=cfg.lalr_moments, betas=cfg.betas, eps=cfg.adam_eps,
-                momentum=cfg.momentum, c_lower=cfg.c_lower, c_upper=cfg.c_upper)
+    return LALR(
+        groups,
+        lr=lr,
+        moments=cfg.lalr_moments,
+        betas=cfg.betas,
+        eps=cfg.adam_eps,
+        momentum=cfg.momentum,
+        c_lower=cfg.c_lower,
+        c_upper=cfg.c_upper,
+    )
 
 
 def lr_factor(step: int, *, cfg: OptimConfig, steps_per_epoch: int, epochs: int) -> float:
@@ -57,8 +67,9 @@ def lr_factor(step: int, *, cfg: OptimConfig, steps_per_epoch: int, epochs: int)
     return 1.0
 
 
-def build_schedule(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
-                   epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(
+    opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     def f(step: int) -> float:
         return lr_factor(step, cfg=cfg, steps_per_epoch=steps_per_epoch, epochs=epochs)
 

@@ -29,15 +29,35 @@ from torch.optim import Optimizer
 
 
 class LALR(Optimizer):
-    def __init__(self, params: Iterable, lr: float = 1e-3, *, moments: str = "adam",
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, momentum: float = 0.9,
-                 weight_decay: float = 0.0, c_lower: float = 0.0, c_upper: float = 10.0, adapt: bool = True):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        *,
+        moments: str = "adam",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        c_lower: float = 0.0,
+        c_upper: float = 10.0,
+        adapt: bool = True,
+    ):
         if moments not in ("adam", "momentum"):
             raise ValueError(f"moments={moments!r}: choose 'adam' or 'momentum'")
         if not 0 <= c_lower <= c_upper:
             raise ValueError(f"need 0 <= c_lower <= c_upper, got {c_lower}, {c_upper}")
-        defaults = dict(lr=lr, moments=moments, betas=betas, eps=eps, momentum=momentum,
-                        weight_decay=weight_decay, c_lower=c_lower, c_upper=c_upper, adapt=adapt)
+        defaults = dict(
+            lr=lr,
+            moments=moments,
+            betas=betas,
+            eps=eps,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            c_lower=c_lower,
+            c_upper=c_upper,
+            adapt=adapt,
+        )
         super().__init__(params, defaults)
         self.last_trust_ratios: list[torch.Tensor] = []
 
@@ -63,8 +83,9 @@ class LALR(Optimizer):
                 w_norm = torch.stack(torch._foreach_norm(params)).float()
                 u_norm = torch.stack(torch._foreach_norm(updates)).float()
                 tau = w_norm.clamp(min=group["c_lower"], max=group["c_upper"])
-                ratio = torch.where((w_norm > 0) & (u_norm > 0), tau / u_norm.clamp(min=1e-30),
-                                    torch.ones_like(w_norm))
+                ratio = torch.where(
+                    (w_norm > 0) & (u_norm > 0), tau / u_norm.clamp(min=1e-30), torch.ones_like(w_norm)
+                )
                 # Zero gradient: plain decoupled weight decay (u == wd * theta, ratio 1).
                 ratio = torch.where(g_norm > 0, ratio, torch.ones_like(ratio))
                 self.last_trust_ratios.append(ratio)
@@ -78,7 +99,9 @@ class LALR(Optimizer):
                     p.add_(u.to(p.dtype), alpha=-lr)
         return loss
 
-    def _direction(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _direction(
+        self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         if group["moments"] == "momentum":
             bufs = []
             for p, g in zip(params, grads, strict=True):

@@ -1,0 +1,159 @@
+"""The evaluation command: distributed equals single-process, the JSON and table formats, the sanity guards."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dat_ds.config import load_config
+from dat_ds.data.loader import make_eval_loader
+from dat_ds.data.shards import load_index
+from dat_ds.evaluate import sanity_flags, select_indices
+from dat_ds.export import export_safetensors
+from dat_ds.models import build_model
+from dat_ds.report import summarize, table
+from tests.conftest import REPO, VENV_BIN, launch_env
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, digits_dir):
+    """A small model trained in-process on the digits train split, exported like a finished run."""
+    run = tmp_path_factory.mktemp("evalrun")
+    cfg = load_config("recipes/digits_dat_pgd.toml", [f'data.shards="{digits_dir}"'])
+    index = load_index(digits_dir)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 10, 1, index.mean, index.std)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = next(
+        iter(make_eval_loader(index, "train", rank=0, world=1, augment="none", image_size=8, batch_size=1437))
+    )
+    x = x.float() / 255
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (run / "metrics.jsonl").write_text(
+        json.dumps(
+            {
+                "epoch": 1,
+                "train_loss": 0.1,
+                "clean_acc": 0.9,
+                "pgd_acc": 0.1,
+                "comm_time_s": 0.1,
+                "epoch_time_s": 1.0,
+                "world_size": 2,
+                "data_mb_per_iter": 0.75,
+            }
+        )
+        + "\n"
+    )
+    export_safetensors(model, cfg, index, run / "model.safetensors")
+    return run
+
+
+ARGS = [
+    "--n",
+    "60",
+    "--seed",
+    "3",
+    "--chunk",
+    "20",
+    "--pgd-steps",
+    "5",
+    "--pgd-restarts",
+    "2",
+    "--no-square-check",
+    "--eps",
+    "0.1",
+    "--eps-sweep",
+    "0.05,0.1",
+]
+
+
+@pytest.mark.launcher
+def test_two_ranks_equal_one_process(trained_run, tmp_path):
+    env = launch_env(tmp_path)
+    one = subprocess.run(
+        [sys.executable, "-m", "dat_ds.evaluate", str(trained_run), *ARGS],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    single = json.loads((trained_run / "eval.json").read_text())
+    two = subprocess.run(
+        [
+            str(VENV_BIN / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            "29661",
+            "--module",
+            "dat_ds.evaluate",
+            str(trained_run),
+            *ARGS,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    dist = json.loads((trained_run / "eval.json").read_text())
+    assert (single["world_size"], dist["world_size"]) == (1, 2)
+    assert single["n_examples"] == dist["n_examples"] == 60
+    assert single["per_eps"] == dist["per_eps"], "per-example results do not depend on the number of ranks"
+    a = dist["per_eps"]["0.1"]
+    assert a["autoattack"] <= a["pgd"] <= a["clean"]
+    assert dist["autoattack_acc"] == a["autoattack"] and dist["attacks"]["pgd_steps"] == 5
+    assert (trained_run / "curves.png").is_file() and (trained_run / "acc_vs_eps.png").is_file()
+
+
+def test_sanity_flags():
+    ok = {"clean": 0.95, "pgd": 0.50, "pgd_short": 0.55, "autoattack": 0.45, "square": 0.60}
+    assert sanity_flags(ok, 1000) == []
+    aa_high = dict(ok, autoattack=0.60)
+    assert any("AutoAttack accuracy" in f for f in sanity_flags(aa_high, 1000))
+    assert sanity_flags(dict(ok, autoattack=0.51), 1000) == [], "within sampling noise"
+    assert any("rose with more steps" in f for f in sanity_flags(dict(ok, pgd_short=0.40), 1000))
+    assert any("Square" in f for f in sanity_flags(dict(ok, square=0.30), 1000))
+
+
+def test_subsets_are_fixed_and_checked(tmp_path):
+    a = select_indices(360, 50, 7, None)
+    assert a == select_indices(360, 50, 7, None) and len(set(a)) == 50 and a == sorted(a)
+    assert a != select_indices(360, 50, 8, None)
+    assert select_indices(360, 0, 0, None) == list(range(360))
+    f = tmp_path / "idx.txt"
+    f.write_text("5 3 3 400")
+    with pytest.raises(SystemExit, match="outside the test split"):
+        select_indices(360, 0, 0, f)
+
+
+def test_table_gathers_runs(trained_run):
+    (trained_run / "eval.json").write_text(
+        json.dumps({"clean_acc": 0.9, "pgd_acc": 0.5, "autoattack_acc": 0.45})
+    )
+    text = table([summarize(trained_run)])
+    head, sep, row = text.splitlines()
+    assert head.split("|")[1:-1] == [
+        " run ",
+        " method ",
+        " p×q ",
+        " batch ",
+        " TA % ",
+        " RA % ",
+        " AA % ",
+        " C (s/epoch) ",
+        " T (s/epoch) ",
+        " MB/iter ",
+        " epochs ",
+    ]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1:7] == ["DAT-PGD-7", "1x2", "128", "90.00", "50.00", "45.00"]
