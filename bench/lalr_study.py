@@ -14,6 +14,7 @@ c_u = 10, as the official DAT code) was fixed before the large-batch rows were r
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from bench.runs import launch
@@ -41,9 +42,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("docs/lalr_study.md"))
     p.add_argument("--runs", type=Path, default=Path("runs/lalr_study"))
+    p.add_argument(
+        "--reuse", action="store_true", help="rebuild the table and plot from the runs already in --runs"
+    )
     a = p.parse_args(argv)
     results = []
     for i, (label, ranks, batch, micro, opt) in enumerate(ROWS):
+        if a.reuse:
+            recs = [
+                json.loads(ln) for ln in (a.runs / f"r{i}" / "metrics.jsonl").read_text().splitlines() if ln
+            ]
+            results.append((label, ranks, batch, recs))
+            continue
         ov = [
             f"train.epochs={EPOCHS}",
             f"train.global_batch_size={batch}",
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
     for (label, _, _, recs), c in zip(results, ("k", "C0", "C1", "C2", "C3"), strict=True):
         ep = [r["epoch"] for r in recs]
-        style = "--" if "SGD" in label or "AT" in label else "-"
+        style = "-" if "LALR" in label else "--"
         axes[0].plot(ep, [100 * r["clean_acc"] for r in recs], style, color=c, label=label)
         axes[1].plot(ep, [100 * r["pgd_acc"] for r in recs], style, color=c, label=label)
     axes[0].set(xlabel="epoch", ylabel="clean accuracy (%)", title="TA")

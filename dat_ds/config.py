@@ -119,7 +119,7 @@ class CommConfig:
     rounding: Literal["nearest", "stochastic"] = "nearest"
     error_feedback: bool = False
     block_size: int = 512  # values per fp32 scale: 0.8 % overhead at 8 bits, 1.6 % at 4
-    bucket_mb: float = 25.0  # flat bucket size the engine hands to the reducer
+    bucket_mb: float = 4.0  # values per owner per pipelined round of the ps transport (fp32 MB)
 
     def __post_init__(self) -> None:
         if self.topology == "hpc":

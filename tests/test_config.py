@@ -120,3 +120,20 @@ def test_all_recipes_parse():
 
     for r in sorted(Path("recipes").glob("*.toml")):
         load_config(r)
+
+
+def test_paper_recipes_fit_their_clusters():
+    for name in (
+        "imagenet_r50_dat_pgd",
+        "imagenet_r50_dat_fgsm_lalr",
+        "imagenet_r50_dat_pgd_lalr_8bit_2sided",
+    ):
+        cfg = load_config(f"recipes/{name}.toml")
+        assert gradient_accumulation(cfg, 36) == 1 and cfg.train.global_batch_size == 36 * 85
+        assert (
+            cfg.attack.eps == pytest.approx(2 / 255)
+            and cfg.train.epochs == 30
+            and cfg.optim.warmup_epochs == 5
+        )
+    cifar = load_config("recipes/cifar10_preact18_dat_pgd.toml")
+    assert gradient_accumulation(cifar, 12) == 4 and cifar.attack.eps == pytest.approx(8 / 255)

@@ -8,7 +8,8 @@
         re-encoded chunk, so all ranks end bit-identical.
 ``hpc`` a plain ring all-reduce, in fp32 (bits 32) or fp16 (bits 16).
 
-Large tensors go in rounds of at most ``bucket_mb`` so the buffers stay small. Payloads are uint8 (gloo has no
+The ``ps`` exchange runs in rounds of ``bucket_mb`` of fp32 values per owner, pipelined: while one round's bytes
+travel, the next is encoded and the previous one decoded, so the codec's work hides behind the link. Payloads are uint8 (gloo has no
 int16 collectives). Bytes are counted where they are posted: ``bytes_sent``/``bytes_recv`` are what this rank
 handed to and took from the network (for ``hpc``, the ring algorithm's 2(W-1)/W of the buffer each way).
 """
@@ -58,7 +59,7 @@ class GradientReducer:
         rounding: str = "nearest",
         error_feedback: bool = False,
         block_size: int = 512,
-        bucket_mb: float = 25.0,
+        bucket_mb: float = 4.0,
         seed: int = 0,
     ):
         if topology == "hpc" and bits not in (32, 16):
