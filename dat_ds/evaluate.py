@@ -6,7 +6,7 @@ As a command, it evaluates a finished run (its exported ``model.safetensors``) w
 training one, on the whole test split or a fixed subset, split across ranks:
 
     deepspeed --num_gpus 2 --module dat_ds.evaluate runs/demo/digits_dat_pgd --autoattack
-    python -m dat_ds.evaluate runs/demo/digits_dat_pgd --n 200 --seed 0 --eps-sweep 0.05,0.1,0.2,0.3
+    python -m dat_ds.evaluate runs/demo/digits_dat_pgd --subset 200 --seed 0 --eps-sweep 0.05,0.1,0.2,0.3
 
 The examples are cut into fixed chunks (``--chunk``); chunk ``c`` goes to rank ``c % world`` and every attack on
 it is seeded with ``seed + c``, so the per-example results, and the totals, are the same for any number of
@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pgd-restarts", type=int, default=5)
     p.add_argument("--no-autoattack", action="store_true")
     p.add_argument("--no-square-check", action="store_true")
-    p.add_argument("--n", type=int, default=0, help="evaluate a random subset of N test examples (0: all)")
+    # Not "--n": the deepspeed launcher reads abbreviations of its own options (--num_gpus...) among the script's.
+    p.add_argument("--subset", type=int, default=0, help="evaluate a random subset of N test examples (0: all)")
     p.add_argument("--indices", type=Path, default=None, help="file of test-split indices to evaluate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=100, help="examples per chunk (the unit of work and seeding)")
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_evaluation(
         a.run_dir,
         s,
-        n=a.n,
+        n=a.subset,
         indices_file=a.indices,
         chunk=a.chunk,
         eps_sweep=sweep,
