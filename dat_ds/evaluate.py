@@ -354,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         from .engine import init_distributed
 
         init_distributed()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    from .engine import set_cpu_threads
+
+    set_cpu_threads()
     report = run_evaluation(
         a.run_dir,
         s,

@@ -177,7 +177,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     from .checkpoint import Checkpointer, set_rng_state
     from .comm import engine_seam
     from .comm.transport import GradientReducer
-    from .engine import init_distributed
+    from .engine import init_distributed, set_cpu_threads
     from .export import export_safetensors
     from .optim import build_optimizer, build_schedule
     from .tracking import NullTracker, Tracker, wandb_mode
@@ -187,8 +187,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     assert world == plan.world
     _setup_logging(rank)
     _seed_everything(cfg.train.seed, rank, cfg.train.deterministic)
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    set_cpu_threads()
     run_dir = cfg.run_dir
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
