@@ -72,6 +72,20 @@ def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, tor
     return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples], dtype=torch.long)
 
 
+def _batched(
+    pairs: Iterator[tuple[torch.Tensor, int]], size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Collate (image, label) pairs into batches of ``size``; a last short batch is yielded too."""
+    batch: list = []
+    for pair in pairs:
+        batch.append(pair)
+        if len(batch) == size:
+            yield _collate(batch)
+            batch = []
+    if batch:
+        yield _collate(batch)
+
+
 class TrainStream(IterableDataset):
     def __init__(self, spec: StreamSpec):
         super().__init__()
@@ -111,22 +125,20 @@ class TrainStream(IterableDataset):
         skip = len(range(worker, min(s.skip, s.batches), n_workers))
         need = (len(mine) - skip) * s.micro_batch
         raw = itertools.islice(self._raw_samples(slot, n_slots), skip * s.micro_batch, None)
-        batch: list = []
-        for pos, sample in enumerate(itertools.islice(raw, need), start=skip * s.micro_batch):
-            rng = random.Random(hash((s.seed, s.epoch, slot, pos)))
-            img = decode(
-                sample.image,
-                channels=s.channels,
-                augment=s.augment,
-                train=True,
-                image_size=s.image_size,
-                rng=rng,
-            )
-            batch.append((img, sample.label))
-            if len(batch) == s.micro_batch:
-                yield _collate(batch)
-                batch = []
-        assert not batch
+        samples = itertools.islice(raw, need)
+        yield from _batched(
+            (
+                (self._decode(sample, random.Random(hash((s.seed, s.epoch, slot, pos)))), sample.label)
+                for pos, sample in enumerate(samples, start=skip * s.micro_batch)
+            ),
+            s.micro_batch,
+        )
+
+    def _decode(self, sample, rng: random.Random) -> torch.Tensor:
+        s = self.spec
+        return decode(
+            sample.image, channels=s.channels, augment=s.augment, train=True, image_size=s.image_size, rng=rng
+        )
 
 
 class EvalStream(IterableDataset):
@@ -166,22 +178,23 @@ class EvalStream(IterableDataset):
                     yield sample
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batch: list = []
-        for sample in self._mine():
-            img = decode(
-                sample.image,
-                channels=self.channels,
-                augment=self.augment,
-                train=False,
-                image_size=self.image_size,
-                rng=None,
-            )
-            batch.append((img, sample.label))
-            if len(batch) == self.batch_size:
-                yield _collate(batch)
-                batch = []
-        if batch:
-            yield _collate(batch)
+        yield from _batched(
+            (
+                (
+                    decode(
+                        sample.image,
+                        channels=self.channels,
+                        augment=self.augment,
+                        train=False,
+                        image_size=self.image_size,
+                        rng=None,
+                    ),
+                    sample.label,
+                )
+                for sample in self._mine()
+            ),
+            self.batch_size,
+        )
 
 
 def _own_generator() -> torch.Generator:
