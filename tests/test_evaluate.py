@@ -57,7 +57,7 @@ def trained_run(tmp_path_factory, digits_dir):
 
 
 ARGS = [
-    "--n",
+    "--subset",
     "60",
     "--seed",
     "3",
