@@ -112,6 +112,12 @@ class Checkpointer:
                 shutil.rmtree(d, ignore_errors=True)
 
     def load(self, engine, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        if not (self.dir / tag / MARKER).is_file():
+            done = ", ".join(t for _, t in self.complete_tags()) or "none"
+            raise SystemExit(
+                f"checkpoint {self.dir / tag} is not complete (no {MARKER}: missing, or killed while "
+                f"saving); complete ones: {done}. Use --resume auto for the newest complete one."
+            )
         meta = json.loads((self.dir / tag / MARKER).read_text())
         if meta["world_size"] != self.world:
             raise SystemExit(

@@ -325,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-autoattack", action="store_true")
     p.add_argument("--no-square-check", action="store_true")
     # Not "--n": the deepspeed launcher reads abbreviations of its own options (--num_gpus...) among the script's.
-    p.add_argument("--subset", type=int, default=0, help="evaluate a random subset of N test examples (0: all)")
+    p.add_argument(
+        "--subset", type=int, default=0, help="evaluate a random subset of N test examples (0: all)"
+    )
     p.add_argument("--indices", type=Path, default=None, help="file of test-split indices to evaluate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=100, help="examples per chunk (the unit of work and seeding)")

@@ -81,8 +81,19 @@ def test_compression_refused_under_zero1():
 
 
 def test_cli_errors_before_any_rank_work(capsys, tmp_path, digits_dir):
-    assert main(["recipes/digits_dat_pgd.toml", "--check", "--set", "model.name=resnet9000",
-                 "--set", f'data.shards="{digits_dir}"']) == 2
+    assert (
+        main(
+            [
+                "recipes/digits_dat_pgd.toml",
+                "--check",
+                "--set",
+                "model.name=resnet9000",
+                "--set",
+                f'data.shards="{digits_dir}"',
+            ]
+        )
+        == 2
+    )
     assert "model.name='resnet9000' is not a timm model" in capsys.readouterr().err
     assert main(["recipes/digits_dat_pgd.toml", "--check", "--set", f'data.shards="{tmp_path}/nope"']) == 2
     assert f"shard folder {tmp_path}/nope does not exist" in capsys.readouterr().err
