@@ -63,7 +63,8 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps done in ``epoch``
     global_step: int = 0
-    # running sums of the epoch on this rank: loss*n, n, correct on adversarial inputs
+    # running sums of the epoch on this rank: loss*n, n, correct on adversarial inputs. They live on the device
+    # so a step never waits for the host; they are read at log lines, the epoch end and checkpoints.
     sums: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
     comm_seconds: float = 0.0  # communication time so far in this epoch
     comm_bytes: int = 0
@@ -82,7 +83,7 @@ class TrainState:
 
         return {
             "rng": rng_state(),
-            "sums": self.sums.clone(),
+            "sums": self.sums.cpu(),
             "timers": torch.tensor(
                 [self.comm_seconds, float(self.comm_bytes), self.train_seconds], dtype=torch.float64
             ),
@@ -112,13 +113,9 @@ def train_step(engine, batch: tuple[torch.Tensor, torch.Tensor], cfg: RunConfig,
     engine.step()  # at the boundary: gradient reduction (dat_ds.comm), clipping, optimizer, LR schedule
     with torch.no_grad():
         n = len(y)
-        state.sums += torch.stack(
-            [
-                loss.detach().double().cpu() * n,
-                torch.tensor(n, dtype=torch.float64),
-                (logits.argmax(1) == y).sum().double().cpu(),
-            ]
-        )
+        state.sums[0] += loss.detach().double() * n
+        state.sums[1] += n
+        state.sums[2] += (logits.argmax(1) == y).sum()
 
 
 def replicas_identical(model: torch.nn.Module) -> bool:
@@ -301,6 +298,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     last_record: dict = {}
     while state.epoch < cfg.train.epochs:
         epoch = state.epoch
+        state.sums = state.sums.to(engine.device)  # no-op on CPU; on CUDA, dist.all_reduce needs it there
         spec = StreamSpec(
             shards=index.split("train").shards,
             channels=index.channels,
