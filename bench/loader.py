@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
             def shardloader(workers=workers, index=index, size=size):
                 spec = StreamSpec(
-                    shards=index.split("train").shards,
+                    split=index.split("train"),
                     channels=3,
                     augment="imagenet",
                     image_size=size,
@@ -100,7 +100,6 @@ def main(argv: list[str] | None = None) -> None:
                     world=1,
                     seed=0,
                     epoch=0,
-                    shuffle_buffer=500,
                     workers=workers,
                 )
                 return make_train_loader(spec)

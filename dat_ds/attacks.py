@@ -33,15 +33,10 @@ def _project(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _input_grad(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     delta.requires_grad_(True)
-    logits = model((x + delta).to(_param_dtype(model)))
+    logits = model(x + delta)  # fp32 pixels: the model normalizes in fp32 (models.NormalizedModel)
     loss = F.cross_entropy(logits.float(), y)
     (grad,) = torch.autograd.grad(loss, [delta])
     return grad
-
-
-def _param_dtype(model: nn.Module) -> torch.dtype:
-    p = next(model.parameters(), None)
-    return p.dtype if p is not None else torch.float32
 
 
 def pgd(
@@ -69,7 +64,7 @@ def pgd(
         if restarts == 1:
             return x_adv
         with torch.no_grad():
-            wrong = model(x_adv.to(_param_dtype(model))).argmax(1) != y
+            wrong = model(x_adv).argmax(1) != y
         take = wrong & ~fooled
         best[take] = x_adv[take]
         best[~fooled & ~wrong] = x_adv[~fooled & ~wrong]

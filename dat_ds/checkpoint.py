@@ -92,6 +92,7 @@ class Checkpointer:
         os.replace(tmp, path)
         dist.barrier()  # every rank's files are on disk
         if self.rank == 0:
+            _atomic_write_text(self.dir / tag / "config.json", json.dumps(client_state["config"], indent=1))
             meta = {
                 "global_step": client_state["global_step"],
                 "epoch": client_state["epoch"],
@@ -110,6 +111,11 @@ class Checkpointer:
         for d in self.dir.iterdir():
             if d.is_dir() and d.name not in keep:
                 shutil.rmtree(d, ignore_errors=True)
+
+    def saved_config(self, tag: str) -> dict[str, Any] | None:
+        """The resolved recipe a checkpoint was written under (None for checkpoints older than this file)."""
+        path = self.dir / tag / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def load(self, engine, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
         if not (self.dir / tag / MARKER).is_file():

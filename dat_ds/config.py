@@ -33,7 +33,6 @@ class DataConfig:
     augment: Literal["none", "cifar", "imagenet"] = "none"
     image_size: int = 0  # 0: native size from the index
     workers: int = 0  # DataLoader workers per rank
-    shuffle_buffer: int = 1000
     eval_limit: int = 0  # evaluate on the first N test samples only (0: all)
 
     def __post_init__(self) -> None:
@@ -42,7 +41,6 @@ class DataConfig:
             "data.shards is empty: point it at a folder made by data_prep/ (has index.json)",
         )
         _check(self.workers >= 0, f"data.workers={self.workers} must be >= 0")
-        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -301,6 +299,42 @@ def load_config(recipe: str | Path | None, overrides: list[str] | tuple[str, ...
     if "data" in values and isinstance(values["data"], dict) and "shards" not in values["data"]:
         raise ConfigError("data.shards is missing: point it at a folder made by data_prep/ (has index.json)")
     return _build(RunConfig, values)
+
+
+# What a resumed run may change: nothing here alters the weights' math or the training data stream.
+RESUME_MAY_CHANGE = (
+    "train.epochs",
+    "train.log_every",
+    "data.workers",
+    "data.eval_limit",
+    "eval.",
+    "checkpoint.",
+    "log.",
+)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def resume_differences(saved: dict[str, Any], new: RunConfig) -> tuple[list[str], list[str]]:
+    """(refused, allowed) differences between a checkpoint's resolved recipe and the one resuming it, each as
+    ``key: old -> new``."""
+    a, b = _flatten(saved), _flatten(new.to_dict())
+    refused, allowed = [], []
+    for key in sorted(a.keys() | b.keys()):
+        old, cur = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if old == cur:
+            continue
+        line = f"{key}: {old!r} -> {cur!r}"
+        (allowed if key.startswith(RESUME_MAY_CHANGE) else refused).append(line)
+    return refused, allowed
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:

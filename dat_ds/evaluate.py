@@ -61,20 +61,25 @@ def evaluate(
     restarts: int,
     device: torch.device,
     channels_last: bool = False,
+    seed: int = 0,
 ) -> EvalCounts:
-    """TA and RA on this rank's share; collective when a process group exists (one all_reduce of 3 counters)."""
+    """TA and RA on this rank's share; collective when a process group exists (one all_reduce of 3 counters).
+
+    The attack's random starts come from a generator seeded by ``seed``, forked from the global one: evaluating
+    (or changing the evaluation settings of a resumed run) never shifts the training's random stream."""
     was_training = model.training
     model.eval()
-    dtype = next(model.parameters()).dtype
     counts = torch.zeros(3, dtype=torch.int64, device=device)
-    for x, y in loader:
-        x, y = to_input(x, device, channels_last), y.to(device, non_blocking=True)
-        with torch.no_grad():
-            clean = model(x.to(dtype)).argmax(1) == y
-        x_adv = pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, rand_init=True, restarts=restarts)
-        with torch.no_grad():
-            robust = model(x_adv.to(dtype)).argmax(1) == y
-        counts += torch.stack([torch.tensor(len(y), device=device), clean.sum(), robust.sum()])
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for x, y in loader:
+            x, y = to_input(x, device, channels_last), y.to(device, non_blocking=True)
+            with torch.no_grad():
+                clean = model(x).argmax(1) == y
+            x_adv = pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, rand_init=True, restarts=restarts)
+            with torch.no_grad():
+                robust = model(x_adv).argmax(1) == y
+            counts += torch.stack([torch.tensor(len(y), device=device), clean.sum(), robust.sum()])
     if dist.is_initialized():
         dist.all_reduce(counts)  # int64 sums: exact for any split of the examples
     model.train(was_training)

@@ -18,17 +18,68 @@ from torch import nn
 from .config import ConfigError, ModelConfig
 
 
+def input_layer_name(net: nn.Module) -> str:
+    """The first convolution or linear layer of ``net``: the layer that reads the (normalized) pixels."""
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            return name
+    raise ConfigError(f"{type(net).__name__} has no Conv2d or Linear layer to take the input")
+
+
 class NormalizedModel(nn.Module):
-    """``net((x - mean) / std)``; the buffers are not saved, so ``net``'s state dict is plain timm."""
+    """``net((x - mean) / std)``, with the pixels, the perturbation and the normalization kept in fp32.
+
+    Under bf16 (spacing 1/256 near 1.0) an input cast before normalization moves a 2/255 perturbation by ~22 %
+    on average, and a normalized input cast before the first convolution still does, in pixel terms. So the
+    normalization and the input layer run in fp32 and low precision starts at the input layer's output
+    (``keep_fp32_layers`` undoes DeepSpeed's bf16/fp16 cast for that layer; DeepSpeed's own
+    ``keep_in_fp32_modules`` covers buffers only). The mean/std buffers are not saved, so ``net``'s state dict is
+    plain timm.
+    """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        first = self.input_layer = input_layer_name(net)
+        # A parameter of the body (held outside the module tree, so it is not registered twice) says which
+        # dtype the input layer's output must enter.
+        self._body = [p for n, p in net.named_parameters() if not n.startswith(f"{first}.")][-1:]
+        net.get_submodule(first).register_forward_hook(self._to_body_dtype)
+
+    def _to_body_dtype(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.to(self._body[0].dtype) if self._body else output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+        """``x``: pixels in [0,1], any float dtype (computed in fp32)."""
+        z = (x.float() - self.mean.float()) / self.std.float()
+        return self.net(z)
+
+
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def keep_fp32_layers(model: NormalizedModel) -> None:
+    """After an engine cast the parameters to bf16/fp16: put the input layer's parameters back in fp32 (the
+    perturbation arrives intact) and the normalization layers' too, so they match their fp32 running statistics,
+    which DeepSpeed leaves in fp32 (apex's ``keep_batchnorm_fp32``; cuDNN and the CPU kernels take a low-precision
+    input with fp32 parameters). In place (``p.data``), so the optimizer's references stay valid; DeepSpeed's bf16
+    optimizer keeps fp32 masters of every parameter and copies them back into whatever dtype each one has."""
+    keep = [model.net.get_submodule(model.input_layer)]
+    keep += [m for m in model.net.modules() if isinstance(m, NORM_LAYERS)]
+    for m in keep:
+        for p in m.parameters(recurse=False):
+            p.data = p.data.float()
+
+
+def to_low_precision(model: NormalizedModel, dtype: torch.dtype) -> NormalizedModel:
+    """``model`` cast as training under DeepSpeed's bf16/fp16 engine casts it (evaluation, tests): parameters in
+    ``dtype``, buffers as they are, then ``keep_fp32_layers``."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    keep_fp32_layers(model)
+    return model
 
 
 # ------------------------------------------------------------------------------------------- architectures

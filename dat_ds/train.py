@@ -29,7 +29,7 @@ from .config import ConfigError, RunConfig, load_config
 from .data.loader import StreamSpec, batches_per_epoch, make_eval_loader, make_train_loader
 from .data.shards import ShardError, ShardIndex, load_index
 from .evaluate import evaluate, to_input
-from .models import build_model, check_model_name
+from .models import build_model, check_model_name, keep_fp32_layers
 
 log = logging.getLogger("dat_ds")
 
@@ -103,12 +103,12 @@ def train_step(engine, batch: tuple[torch.Tensor, torch.Tensor], cfg: RunConfig,
     x, y = batch
     x = to_input(x, engine.device, cfg.model.channels_last)
     y = y.to(engine.device, non_blocking=True)
-    dtype = next(engine.module.parameters()).dtype
+    # Pixels stay fp32 into the model, whatever the engine's precision (see models.NormalizedModel).
     x_adv = x if cfg.attack.method == "none" else attack_batch(engine.module, x, y, cfg)
-    logits = engine(x_adv.to(dtype)).float()
+    logits = engine(x_adv).float()
     loss = F.cross_entropy(logits, y)
     if cfg.attack.method != "none" and cfg.loss.clean_weight > 0:
-        loss = loss + cfg.loss.clean_weight * F.cross_entropy(engine(x.to(dtype)).float(), y)
+        loss = loss + cfg.loss.clean_weight * F.cross_entropy(engine(x).float(), y)
     engine.backward(loss)
     engine.step()  # at the boundary: gradient reduction (dat_ds.comm), clipping, optimizer, LR schedule
     with torch.no_grad():
@@ -201,6 +201,8 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=plan.ds_config
     )
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        keep_fp32_layers(engine.module)  # the attack's delta reaches the network intact; norms match
     c = cfg.comm
     reducer = GradientReducer(
         bits=c.bits,
@@ -221,6 +223,8 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
         tag = ckpt.latest()
     elif resume not in ("none", ""):
         tag = resume
+    if resume == "auto" and tag is None and rank == 0:
+        log.info("--resume auto: no complete checkpoint in %s, starting fresh", ckpt.dir)
     if tag is not None:
         client, rank_state = ckpt.load(engine, tag)
         state = TrainState(
@@ -232,7 +236,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
         state.comm_seconds, comm_bytes, state.train_seconds = rank_state["timers"].tolist()
         state.comm_bytes = int(comm_bytes)
         set_rng_state(rank_state["rng"])
-        reducer.reset_state()
+        reducer.load_state_dict(rank_state.get("reducer", {}))
         if rank == 0:
             log.info(
                 "resumed from %s: epoch %d, step %d", ckpt.dir / tag, state.epoch + 1, state.step_in_epoch
@@ -281,9 +285,16 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     comm_mark = reducer.stats.snapshot()  # reducer counters when this epoch (or the resumed part) began
     reduce_mark = reducer.stats.snapshot()  # for the exactly-once check, per epoch of this process
 
+    # Bytes per step, measured: gloo's socket writes (x2: in both topologies each rank receives what it sends),
+    # or under NCCL the sizes of the buffers the ps transport posted; an NCCL ring moves bytes nothing here sees.
+    bytes_source = (
+        "wire" if dist.get_backend() == "gloo" else "posted" if cfg.comm.topology == "ps" else "none"
+    )
+
     def epoch_comm() -> tuple[float, int]:
         d = reducer.stats.since(comm_mark)
-        return state.comm_seconds + d.seconds, state.comm_bytes + d.bytes_sent + d.bytes_recv
+        moved = 2 * d.wire_sent if bytes_source == "wire" else d.bytes_sent + d.bytes_recv
+        return state.comm_seconds + d.seconds, state.comm_bytes + (moved if bytes_source != "none" else 0)
 
     def save(tag_name: str) -> None:
         from timm.utils import distribute_bn
@@ -293,6 +304,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
         )  # DeepSpeed never syncs BN buffers; rank 0's are saved
         rank_state = state.rank_state()
         rank_state["timers"][:2] = torch.tensor(epoch_comm(), dtype=torch.float64)
+        rank_state["reducer"] = reducer.state_dict()  # error-feedback residuals, rounding generator
         ckpt.save(engine, tag_name, state.client_state(cfg), rank_state)
 
     last_record: dict = {}
@@ -300,7 +312,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
         epoch = state.epoch
         state.sums = state.sums.to(engine.device)  # no-op on CPU; on CUDA, dist.all_reduce needs it there
         spec = StreamSpec(
-            shards=index.split("train").shards,
+            split=index.split("train"),
             channels=index.channels,
             augment=cfg.data.augment,
             image_size=image_size,
@@ -311,8 +323,8 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
             seed=cfg.train.seed,
             epoch=epoch,
             skip=state.step_in_epoch * plan.grad_accum,
-            shuffle_buffer=cfg.data.shuffle_buffer,
             workers=cfg.data.workers,
+            accum=plan.grad_accum,
         )
         engine.train()
         resumed_steps = state.step_in_epoch
@@ -363,7 +375,8 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
             "epoch_time_s": state.train_seconds,
             "comm_time_s": comm_s,
             "images_per_s": sums[1].item() / max(state.train_seconds, 1e-9),
-            "data_mb_per_iter": comm_b / plan.steps_per_epoch / 1e6,
+            "data_mb_per_iter": comm_b / plan.steps_per_epoch / 1e6 if bytes_source != "none" else None,
+            "data_mb_source": bytes_source,
             "data_mb_per_iter_theory": reducer.theory_bytes(
                 sum(p.numel() for p in engine.module.parameters()), world
             )
@@ -376,6 +389,13 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
         record["grad_values_reduced_per_step"] = d.numel / max(steps_here, 1)
         record["reduce_calls_per_step"] = d.calls / max(steps_here, 1)
         record["replicas_identical"] = replicas_identical(engine.module)
+        trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+        if record["grad_values_reduced_per_step"] != trainable:
+            raise RuntimeError(
+                f"epoch {epoch + 1}: {record['grad_values_reduced_per_step']:.0f} gradient values were reduced per "
+                f"step, the model has {trainable}: a DeepSpeed change moved the gradient seam "
+                "(dat_ds/comm/engine_seam.py); every gradient must be reduced exactly once"
+            )
         if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
             t0 = time.perf_counter()
             e = cfg.attack.eps
@@ -388,6 +408,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
                 restarts=cfg.eval.pgd_restarts,
                 device=engine.device,
                 channels_last=cfg.model.channels_last,
+                seed=cfg.train.seed * 1000 + rank,
             )
             record["clean_acc"], record["pgd_acc"] = counts.acc()
             record["eval_n"] = counts.n
@@ -416,6 +437,34 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     tracker.finish()
     dist.barrier()
     return last_record
+
+
+def check_resume(cfg: RunConfig, resume: str, world: int) -> str | None:
+    """Before anything in the run folder is touched: refuse to resume under a recipe that changes the math or the
+    data stream. Returns the message, or None."""
+    from .checkpoint import Checkpointer
+    from .config import resume_differences
+
+    ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint.keep, 0, world)
+    tag = ckpt.latest() if resume == "auto" else resume
+    if tag is None:
+        return None
+    saved = ckpt.saved_config(tag)
+    if saved is None and (cfg.run_dir / "config.json").is_file():
+        saved = json.loads((cfg.run_dir / "config.json").read_text())
+    if saved is None:
+        return None
+    refused, allowed = resume_differences(saved, cfg)
+    if refused:
+        return (
+            f"checkpoint {ckpt.dir / tag} was trained under a different recipe; resuming would silently change "
+            "the run:\n  " + "\n  ".join(refused) + "\nResume with the recipe it was written under (its resolved "
+            f"copy is {ckpt.dir / tag / 'config.json'}), or start a new run with --set name=<new name> "
+            "(nothing was changed)"
+        )
+    if allowed and int(os.environ.get("RANK", "0")) == 0:
+        print("dat-ds: resuming with changed settings:\n  " + "\n  ".join(allowed), file=sys.stderr)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,6 +512,12 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 2
+    if args.resume not in ("none", ""):
+        problem = check_resume(cfg, args.resume, world)
+        if problem:
+            if rank == 0:
+                print(f"dat-ds: error: {problem}", file=sys.stderr)
+            return 2
     try:
         run(cfg, plan, args.resume)
     except ConfigError as e:

@@ -102,3 +102,22 @@ def test_decode_mean_equals_the_mean_of_decodes(grad, bits):
     ref = sum(c.decode(b, grad.numel()) for b in bufs) / 3
     out = c.decode_mean(bufs, grad.numel(), torch.empty_like(grad))
     assert torch.allclose(out, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_compile_failure_warns_once_and_out_of_memory_is_not_hidden(monkeypatch):
+    from dat_ds.comm import codec as cm
+
+    def broken(*a):
+        raise RuntimeError("no compiler here")
+
+    def oom(*a):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(cm, "_compile_failed", False)
+    monkeypatch.setattr(cm, "_kernel", lambda name, numel: oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        cm._run("enc8", 1 << 21, torch.zeros(4, 512), None, 127.0)
+    monkeypatch.setattr(cm, "_kernel", lambda name, numel: broken)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .* eager kernels"):
+        q, scale = cm._run("enc8", 1 << 21, torch.ones(4, 512), None, 127.0)
+    assert cm._compile_failed and q.dtype == torch.int8

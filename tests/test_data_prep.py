@@ -43,7 +43,7 @@ def test_imagenet_shards_copy_jpeg_bytes(imagenet_tree, tmp_path):
             assert s.ext == "jpg" and s.image in originals, "JPEG bytes are copied, never re-encoded"
 
     spec = StreamSpec(
-        shards=index.split("train").shards,
+        split=index.split("train"),
         channels=3,
         augment="imagenet",
         image_size=64,
@@ -109,7 +109,7 @@ def test_cifar_batches_to_shards(tmp_path, digits_dir):
     assert index.name == "cifar10" and index.split("train").count == 60 and index.split("test").count == 20
     assert [s.count for s in index.split("train").shards] == [25, 25, 10]
     spec = StreamSpec(
-        shards=index.split("train").shards,
+        split=index.split("train"),
         channels=3,
         augment="cifar",
         image_size=32,

@@ -157,3 +157,26 @@ def test_table_gathers_runs(trained_run):
     ]
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[1:7] == ["DAT-PGD-7", "1x2", "128", "90.00", "50.00", "45.00"]
+
+
+def test_robust_accuracy_agrees_in_bf16_and_fp32(trained_run, digits_dir):
+    """The same model, cast the way training under the bf16 engine casts it, attacked with the same seeds:
+    TA and RA within noise of fp32 (paired, 360 test images)."""
+    import copy
+
+    from dat_ds.evaluate import evaluate
+    from dat_ds.export import load_exported
+    from dat_ds.models import to_low_precision
+
+    model, _ = load_exported(trained_run / "model.safetensors", torch.device("cpu"))
+    low = to_low_precision(copy.deepcopy(model), torch.bfloat16)
+    index = load_index(digits_dir)
+    accs = []
+    for m in (model, low):
+        loader = make_eval_loader(index, "test", rank=0, world=1, augment="none", image_size=8, batch_size=360)
+        c = evaluate(m, loader, eps=0.05, steps=10, step_size=0.0125, restarts=1, device=torch.device("cpu"))
+        accs.append(c.acc())
+    (ta32, ra32), (ta16, ra16) = accs
+    assert 0.2 < ra32 < ta32, "a model with some robustness to compare"
+    se = (ra32 * (1 - ra32) / 360) ** 0.5
+    assert abs(ta16 - ta32) <= 0.02 and abs(ra16 - ra32) <= 2 * se, (accs, se)

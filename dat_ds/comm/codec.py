@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -115,8 +116,15 @@ def _run(name: str, numel: int, *args):
         return fn(*args)
     try:
         return fn(*args)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise  # out of memory is the run's problem, not the compiler's: eager kernels would hide it
     except Exception as e:  # a platform without a working compiler: same math, eagerly
-        log.warning("dat-ds codec: torch.compile failed (%s); using eager kernels", e)
+        msg = (
+            f"dat-ds codec: torch.compile failed ({type(e).__name__}: {e}); the codec runs eager kernels from "
+            "now on (same results, slower); set DAT_DS_COMPILE_CODEC=0 to skip compiling"
+        )
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        log.warning(msg)
         _compile_failed = True
         return _EAGER[name](*args)
 
@@ -216,15 +224,15 @@ class ErrorFeedback:
     load, skipped steps)."""
 
     def __init__(self) -> None:
-        self.residuals: dict[object, torch.Tensor] = {}
+        self.residuals: dict[str, torch.Tensor] = {}
 
-    def add_residual(self, key: object, x: torch.Tensor) -> torch.Tensor:
+    def add_residual(self, key: str, x: torch.Tensor) -> torch.Tensor:
         r = self.residuals.get(key)
         if r is None or r.shape != x.shape:
             return x
-        return x + r
+        return x + r.to(x.device)
 
-    def store(self, key: object, target: torch.Tensor, sent: torch.Tensor) -> None:
+    def store(self, key: str, target: torch.Tensor, sent: torch.Tensor) -> None:
         self.residuals[key] = target - sent
 
     def reset(self) -> None:

@@ -92,7 +92,7 @@ def install(engine, reducer: GradientReducer) -> None:
         tensor = flat_buffers[key_]
         torch.cat([t.reshape(-1) for t in bucket], out=tensor)
         with torch.no_grad():
-            reducer.reduce_(tensor, group=dp_group, key=(tensor.dtype, tensor.numel()))
+            reducer.reduce_(tensor, group=dp_group, key=f"{tensor.dtype}:{tensor.numel()}")
         return tensor
 
     engine.allreduce_bucket = allreduce_bucket

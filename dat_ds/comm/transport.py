@@ -16,6 +16,7 @@ handed to and took from the network (for ``hpc``, the ring algorithm's 2(W-1)/W 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -30,8 +31,10 @@ from .codec import Codec, ErrorFeedback
 class CommStats:
     calls: int = 0
     numel: int = 0  # gradient values reduced
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # sizes of the buffers posted (ps) or the ring algorithm's share (hpc, a formula)
     bytes_recv: int = 0
+    wire_sent: int = 0  # measured: the process's socket writes during the exchange (gloo); 0 where unseen
+    wire_calls: int = 0  # exchanges whose wire bytes could be measured
     seconds: float = 0.0
 
     def snapshot(self) -> CommStats:
@@ -39,6 +42,19 @@ class CommStats:
 
     def since(self, earlier: CommStats) -> CommStats:
         return CommStats(**{k: getattr(self, k) - getattr(earlier, k) for k in vars(self)})
+
+
+def _written_bytes() -> int | None:
+    """Bytes this process has written so far (``/proc/self/io`` ``wchar``): gloo's socket writes show up here,
+    NCCL's GPU transfers do not. None where the file is missing."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def _sync(device: torch.device) -> None:
@@ -76,11 +92,29 @@ class GradientReducer:
         self.stats = CommStats()
         self.seed = seed
         self._generator: torch.Generator | None = None
+        self._generator_state: torch.Tensor | None = None  # restored from a checkpoint, applied on first use
 
     def reset_state(self) -> None:
-        """Forget error-feedback residuals (checkpoint load, skipped step)."""
+        """Forget error-feedback residuals (skipped step)."""
         self.worker_ef.reset()
         self.server_ef.reset()
+
+    def state_dict(self) -> dict[str, object]:
+        """This rank's reducer state, tensors only (a checkpoint's ``dat_rank{r}.pt``): the error-feedback
+        residuals and the stochastic-rounding generator. Without them a resumed run compresses differently."""
+        gen = self._generator.get_state() if self._generator is not None else self._generator_state
+        out: dict[str, object] = {
+            "worker_ef": {k: v.cpu() for k, v in self.worker_ef.residuals.items()},
+            "server_ef": {k: v.cpu() for k, v in self.server_ef.residuals.items()},
+        }
+        if gen is not None:
+            out["generator"] = gen
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        self.worker_ef.residuals = dict(state.get("worker_ef", {}))
+        self.server_ef.residuals = dict(state.get("server_ef", {}))
+        self._generator, self._generator_state = None, state.get("generator")
 
     def _gen(self, device: torch.device) -> torch.Generator | None:
         if self.codec.rounding != "stochastic":
@@ -90,16 +124,22 @@ class GradientReducer:
             rank = dist.get_rank() if dist.is_initialized() else 0
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self.seed * 1000 + 17 + rank)
+            if self._generator_state is not None:
+                self._generator.set_state(self._generator_state)
+                self._generator_state = None
         return self._generator
 
     # ------------------------------------------------------------------------------------------------ entry
 
-    def reduce_(self, flat: torch.Tensor, group=None, key: object = 0) -> torch.Tensor:
+    def reduce_(self, flat: torch.Tensor, group=None, key: str = "0") -> torch.Tensor:
         """Replace ``flat`` (any float dtype, 1-D) with its mean over the group."""
         world = dist.get_world_size(group)
         _sync(flat.device)
         t0 = time.perf_counter()
         work = flat if flat.dtype == torch.float32 else flat.float()
+        # gloo writes to sockets from this process; NCCL moves GPU memory that /proc never sees
+        measure = world > 1 and dist.get_backend(group) == "gloo"
+        w0 = _written_bytes() if measure else None
         if world > 1:
             if self.topology == "hpc":
                 self._hpc(work, world, group)
@@ -108,6 +148,10 @@ class GradientReducer:
         if work is not flat:
             flat.copy_(work)
         _sync(flat.device)
+        w1 = _written_bytes() if w0 is not None else None
+        if w1 is not None:
+            self.stats.wire_sent += w1 - w0
+            self.stats.wire_calls += 1
         self.stats.seconds += time.perf_counter() - t0
         self.stats.calls += 1
         self.stats.numel += flat.numel()
@@ -117,9 +161,16 @@ class GradientReducer:
 
     def _hpc(self, x: torch.Tensor, world: int, group) -> None:
         if self.codec.bits == 16:
-            wire = x.to(torch.float16).div_(world)
+            # Scale into fp16's range before the cast, by a power of two all ranks agree on: the largest value
+            # lands near 2^15/world, so the sum cannot overflow and small gradients keep their bits instead of
+            # flushing to zero (fp16's smallest normal is 6e-5). One 4-byte all_reduce for the agreement.
+            amax = x.abs().max().reshape(1)
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+            a = float(amax.item())  # host sync: the exponent is needed on the host
+            exp = math.floor(math.log2(2**15 / (world * a))) if a > 0 and math.isfinite(a) else 0
+            wire = x.mul(2.0**exp).to(torch.float16)
             dist.all_reduce(wire, group=group)
-            x.copy_(wire)
+            x.copy_(wire).mul_(2.0**-exp / world)
         else:
             x.div_(world)
             dist.all_reduce(x, group=group)
@@ -146,7 +197,7 @@ class GradientReducer:
         self.stats.bytes_recv += sum(b.numel() for b in recv if b is not None)
         return dist.batch_isend_irecv(ops) if ops else []
 
-    def _ps(self, x: torch.Tensor, world: int, group, key: object) -> None:
+    def _ps(self, x: torch.Tensor, world: int, group, key: str) -> None:
         """Sharded parameter server over rounds of ``bucket_numel`` values per owner, pipelined: while round r's
         bytes travel, round r+1 is encoded and round r-1 decoded (gloo and NCCL move the bytes on their own
         threads/streams)."""
@@ -166,7 +217,7 @@ class GradientReducer:
                 src = torch.zeros(chunk * world, dtype=torch.float32, device=x.device)
                 src[:m] = x[start:stop]
             if ef:
-                src = self.worker_ef.add_residual((key, r), src)
+                src = self.worker_ef.add_residual(f"{key}/{r}", src)
             enc = torch.empty(world, up.encoded_nbytes(chunk), dtype=torch.uint8, device=x.device)
             for j in range(world):
                 up.encode(src[j * chunk : (j + 1) * chunk], out=enc[j], generator=gen)
@@ -174,7 +225,7 @@ class GradientReducer:
                 sent = torch.empty_like(src)
                 for j in range(world):
                     up.decode(enc[j], chunk, out=sent[j * chunk : (j + 1) * chunk])
-                self.worker_ef.store((key, r), src, sent)
+                self.worker_ef.store(f"{key}/{r}", src, sent)
             inbox = torch.empty_like(enc)
             inbox[me].copy_(enc[me])
             reqs = self._post(
@@ -192,10 +243,10 @@ class GradientReducer:
             # Owner: fp32 sum of the decoded copies in rank order (the same on every run), then the mean.
             agg = up.decode_mean(st["inbox"], chunk, torch.empty(chunk, dtype=torch.float32, device=x.device))
             if self.two_sided and ef:
-                agg = self.server_ef.add_residual((key, st["r"]), agg)
+                agg = self.server_ef.add_residual(f"{key}/{st['r']}", agg)
             mine = down.encode(agg, generator=gen)
             if self.two_sided and ef:
-                self.server_ef.store((key, st["r"]), agg, down.decode(mine, chunk))
+                self.server_ef.store(f"{key}/{st['r']}", agg, down.decode(mine, chunk))
             outbox = torch.empty(world, mine.numel(), dtype=torch.uint8, device=x.device)
             st.update(mine=mine, outbox=outbox, enc=None, inbox=None)
             st["reqs"] = self._post(

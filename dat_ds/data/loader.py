@@ -1,13 +1,19 @@
-"""Deterministic shard streams: every rank gets exactly the same number of batches, for any world size.
+"""Deterministic sample streams: every sample once per epoch, equal batches on every rank, for any world size.
 
-Training, per epoch:
-  1. the shard list is shuffled by (seed, epoch);
-  2. it is dealt to ``world * workers`` slots (rank-major), so every slot reads its own shards;
-  3. each slot streams its shards (cycling, reshuffled each cycle, if it runs short) through a sample shuffle
-     buffer seeded by (seed, epoch, slot), and stops at exactly its quota of micro-batches;
-  4. a resumed run skips its first ``skip`` micro-batches as raw bytes, before any decoding.
+Training, per epoch (``epoch_order`` and ``micro_batch_ids`` hold all of it, without reading any data):
+  1. the split's sample numbers 0..N-1 are permuted by (seed, epoch): one global order, like a
+     ``DistributedSampler`` over the whole split;
+  2. optimizer step ``s`` takes the global batch ``order[s*G:(s+1)*G]``; rank ``r`` takes its contiguous share of
+     it, ``accum`` micro-batches of ``micro`` samples. The last ``N mod G`` samples of the order are dropped, so each
+     epoch visits every sample exactly once except fewer than one global batch, and the global batch of a step
+     does not depend on how it is split over ranks;
+  3. samples are read by number through the split's member table (one seek and one read each), so where a sample
+     sits in which shard no longer decides who reads it or when;
+  4. a resumed run starts at micro-batch ``skip``: nothing before it is read.
 Worker ``w`` of a rank makes micro-batches ``b`` with ``b % workers == w``; the DataLoader returns them round-robin,
-so the rank's stream is the same with a resume in between (see the rotation in ``TrainStream.__iter__``).
+so a rank's stream is identical with any number of workers, and with a resume in between (see the rotation in
+``TrainStream.__iter__``). Augmentation draws from an RNG seeded by (seed, epoch, sample number): the same crop
+whoever decodes the sample.
 
 Evaluation reads each test sample exactly once across ranks (split by shard when there are enough shards, else by
 sample); ranks may get different counts, and metrics are reduced as sums.
@@ -15,15 +21,15 @@ sample); ranks may get different counts, and metrics are reduced as sums.
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import ShardIndex, ShardInfo, read_shard
+from .shards import SampleReader, ShardIndex, Split, read_shard
 from .transforms import Augment, decode
 
 
@@ -31,19 +37,19 @@ from .transforms import Augment, decode
 class StreamSpec:
     """What one rank reads in one epoch."""
 
-    shards: tuple[ShardInfo, ...]
+    split: Split
     channels: int
     augment: Augment
     image_size: int
     micro_batch: int
-    batches: int  # micro-batches this rank yields this epoch
+    batches: int  # micro-batches this rank yields this epoch (steps x accumulation)
     rank: int
     world: int
     seed: int
     epoch: int
     skip: int = 0  # micro-batches already consumed (resume)
-    shuffle_buffer: int = 1000
     workers: int = 0
+    accum: int = 1  # micro-batches per rank per optimizer step
 
 
 def batches_per_epoch(n_samples: int, global_batch: int) -> int:
@@ -57,15 +63,16 @@ def batches_per_epoch(n_samples: int, global_batch: int) -> int:
     return steps
 
 
-def _slot_shards(
-    shards: tuple[ShardInfo, ...], slot: int, n_slots: int, rng: random.Random
-) -> list[ShardInfo]:
-    order = list(shards)
-    rng.shuffle(order)
-    mine = order[slot::n_slots]
-    # Fewer shards than slots: share one (samples repeat across slots; the data_prep converters make enough
-    # shards for the world sizes they are meant for).
-    return mine or [order[slot % len(order)]]
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's global order of sample numbers: the same on every rank and worker."""
+    return np.random.Generator(np.random.PCG64([seed, epoch, 0x5EED])).permutation(n)
+
+
+def micro_batch_ids(order: np.ndarray, b: int, *, rank: int, world: int, micro: int, accum: int) -> np.ndarray:
+    """Sample numbers of rank ``rank``'s micro-batch ``b`` (step ``b // accum``, micro-step ``b % accum``)."""
+    step, m = divmod(b, accum)
+    start = (step * world + rank) * accum * micro + m * micro
+    return order[start : start + micro]
 
 
 def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,59 +93,46 @@ def _batched(
         yield _collate(batch)
 
 
+def worker_batches(spec: StreamSpec, worker: int, n_workers: int) -> range:
+    """The micro-batch numbers that DataLoader worker ``worker`` (of ``n_workers``) makes, in order.
+
+    The DataLoader asks workers round-robin starting at worker 0; after skipping ``skip`` batches the next batch
+    belongs to logical worker ``skip % n_workers``, so worker ids are rotated by ``skip``."""
+    logical = (worker + spec.skip) % n_workers
+    first = spec.skip + (logical - spec.skip) % n_workers
+    return range(first, spec.batches, n_workers)
+
+
 class TrainStream(IterableDataset):
     def __init__(self, spec: StreamSpec):
         super().__init__()
+        needed = spec.batches // spec.accum * spec.accum * spec.micro_batch * spec.world
+        if spec.batches % spec.accum or needed > spec.split.count:
+            raise ValueError(
+                f"{spec.batches} micro-batches of {spec.micro_batch} x {spec.world} ranks (accumulation "
+                f"{spec.accum}) need {needed} samples; the split has {spec.split.count}"
+            )
         self.spec = spec
-
-    def _raw_samples(self, slot: int, n_slots: int) -> Iterator:
-        s = self.spec
-        rng = random.Random(hash((s.seed, s.epoch, slot, 0x5EED)))
-        shards = _slot_shards(s.shards, slot, n_slots, random.Random(hash((s.seed, s.epoch))))
-        buf: list = []
-        for cycle in itertools.count():
-            order = list(shards)
-            if cycle:
-                rng.shuffle(order)
-            for shard in order:
-                for sample in read_shard(shard.url, shard.count):
-                    if len(buf) < s.shuffle_buffer:
-                        buf.append(sample)
-                        continue
-                    i = rng.randrange(len(buf))
-                    buf[i], sample = sample, buf[i]
-                    yield sample
-            # End of a cycle: drain the buffer so a slot with few samples still moves on.
-            rng.shuffle(buf)
-            yield from buf
-            buf = []
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         s = self.spec
         info = get_worker_info()
         n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        # The DataLoader asks workers round-robin starting at worker 0; after skipping ``skip`` batches the next
-        # batch belongs to logical worker ``skip % n_workers``, so worker ids are rotated by ``skip``.
-        worker = (worker + s.skip) % n_workers
-        slot, n_slots = s.rank * n_workers + worker, s.world * n_workers
-        mine = range(worker, s.batches, n_workers)  # this worker's micro-batch numbers
-        skip = len(range(worker, min(s.skip, s.batches), n_workers))
-        need = (len(mine) - skip) * s.micro_batch
-        raw = itertools.islice(self._raw_samples(slot, n_slots), skip * s.micro_batch, None)
-        samples = itertools.islice(raw, need)
-        yield from _batched(
-            (
-                (self._decode(sample, random.Random(hash((s.seed, s.epoch, slot, pos)))), sample.label)
-                for pos, sample in enumerate(samples, start=skip * s.micro_batch)
-            ),
-            s.micro_batch,
-        )
+        order = epoch_order(s.split.count, s.seed, s.epoch)
+        reader = SampleReader(s.split)
+        try:
+            for b in worker_batches(s, worker, n_workers):
+                ids = micro_batch_ids(order, b, rank=s.rank, world=s.world, micro=s.micro_batch, accum=s.accum)
+                yield _collate([self._load(reader, int(i)) for i in ids])
+        finally:
+            reader.close()
 
-    def _decode(self, sample, rng: random.Random) -> torch.Tensor:
+    def _load(self, reader: SampleReader, i: int) -> tuple[torch.Tensor, int]:
         s = self.spec
-        return decode(
-            sample.image, channels=s.channels, augment=s.augment, train=True, image_size=s.image_size, rng=rng
-        )
+        sample = reader[i]
+        rng = random.Random(hash((s.seed, s.epoch, i)))
+        x = decode(sample.image, channels=s.channels, augment=s.augment, train=True, image_size=s.image_size, rng=rng)
+        return x, sample.label
 
 
 class EvalStream(IterableDataset):
