@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> None:
         if done.is_file():
             recs = [json.loads(x) for x in (a.runs / name / "metrics.jsonl").read_text().splitlines() if x]
         else:
-            recs = launch(
-                "digits_dat_pgd.toml", name, a.runs, [f"train.seed={seed}", "eval.every_epochs=15"]
-            )
+            recs = launch("digits_dat_pgd.toml", name, a.runs, [f"train.seed={seed}", "eval.every_epochs=15"])
         last = recs[-1]
-        rows.append((seed, 100 * last["clean_acc"], 100 * last["pgd_acc"], sum(r["epoch_time_s"] for r in recs)))
+        rows.append(
+            (seed, 100 * last["clean_acc"], 100 * last["pgd_acc"], sum(r["epoch_time_s"] for r in recs))
+        )
         print(f"seed {seed}: TA {rows[-1][1]:.2f} RA {rows[-1][2]:.2f}", flush=True)
     ra = [r[2] for r in rows]
     n = len(rows)

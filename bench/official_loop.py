@@ -64,7 +64,9 @@ def _worker(rank: int, world: int, port: int, seed: int, opts: dict, out: str) -
 
     index = load_index(opts["shards"])
     x, y = next(
-        iter(make_eval_loader(index, "train", rank=0, world=1, augment="none", image_size=8, batch_size=10**6))
+        iter(
+            make_eval_loader(index, "train", rank=0, world=1, augment="none", image_size=8, batch_size=10**6)
+        )
     )
     ds = TensorDataset(x.float() / 255, y)
     sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=seed, drop_last=opts["drop_last"])
@@ -106,11 +108,15 @@ def _worker(rank: int, world: int, port: int, seed: int, opts: dict, out: str) -
             distribute_bn(model, world, reduce=True)
     dist.destroy_process_group()  # evaluate alone (dat-ds's evaluate would all_reduce its counts)
     if rank == 0:
-        loader = make_eval_loader(index, "test", rank=0, world=1, augment="none", image_size=8, batch_size=360)
+        loader = make_eval_loader(
+            index, "test", rank=0, world=1, augment="none", image_size=8, batch_size=360
+        )
         c = evaluate(
             model, loader, eps=EPS, steps=20, step_size=2.5 * EPS / 20, restarts=1, device=torch.device("cpu")
         )
-        Path(out).write_text(json.dumps({"clean_acc": c.acc()[0], "pgd_acc": c.acc()[1], "steps_per_epoch": spe}))
+        Path(out).write_text(
+            json.dumps({"clean_acc": c.acc()[0], "pgd_acc": c.acc()[1], "steps_per_epoch": spe})
+        )
 
 
 def run(seed: int, opts: dict, out: Path) -> dict:
@@ -128,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--drop-last", action="store_true", help="11 full batches a rank, as dat-ds")
     p.add_argument("--clamp-start", action="store_true", help="clamp the random start to [0,1], as dat-ds")
     p.add_argument("--wd-all", action="store_true", help="weight decay on every tensor (the official code)")
-    p.add_argument("--sync-bn", action="store_true", help="average BN buffers over ranks each epoch, as dat-ds")
+    p.add_argument(
+        "--sync-bn", action="store_true", help="average BN buffers over ranks each epoch, as dat-ds"
+    )
     p.add_argument("--runs", type=Path, default=Path("runs/official_loop"))
     a = p.parse_args(argv)
     opts = dict(
@@ -140,8 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     for seed in range(a.seeds):
         r = run(seed, opts, a.runs / f"{tag}-seed{seed}.json")
         ras.append(100 * r["pgd_acc"])
-        print(f"{tag} seed {seed}: TA {100 * r['clean_acc']:.2f} RA {ras[-1]:.2f} ({r['steps_per_epoch']} steps/epoch)")
-    print(f"{tag}: mean RA {statistics.mean(ras):.2f} (sd {statistics.stdev(ras) if len(ras) > 1 else 0:.2f})")
+        print(
+            f"{tag} seed {seed}: TA {100 * r['clean_acc']:.2f} RA {ras[-1]:.2f} ({r['steps_per_epoch']} steps/epoch)"
+        )
+    print(
+        f"{tag}: mean RA {statistics.mean(ras):.2f} (sd {statistics.stdev(ras) if len(ras) > 1 else 0:.2f})"
+    )
 
 
 if __name__ == "__main__":

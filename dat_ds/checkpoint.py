@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -32,6 +33,31 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class UnsafeCheckpointError(SystemExit):
+    """A checkpoint file holds something other than tensors and plain data; it is not loaded."""
+
+
+def safe_load(path: str | Path, map_location=None) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors, numbers, strings and containers only, never code.
+
+    DeepSpeed 0.19.8's own checkpoint engine unpickles with ``weights_only=False``; ``secure_checkpoint_engine``
+    routes it through here. The files DeepSpeed writes at ZeRO stage 0 for dat-ds's optimizers hold nothing else."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds more than tensors and plain data ({first}). dat-ds never unpickles "
+            "checkpoint files; this one was not written by dat-ds as it is (tampered with, or from another "
+            "program). Resume from another checkpoint (--resume <tag>) or start a new run."
+        ) from None
+
+
+def secure_checkpoint_engine(engine) -> None:
+    """Make ``engine.load_checkpoint`` read every file through ``safe_load``."""
+    engine.checkpoint_engine.load = safe_load
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,11 +85,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def rank0_decides(value: int, device: torch.device) -> int:
+    """Collective: every rank gets rank 0's ``value`` (decisions others must follow, not re-derive from their
+    own disk)."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, 0)
+    return int(t.item())
+
+
 class Checkpointer:
+    """Saving and finding checkpoints. The run folder must be on a filesystem every host sees (rank 0 decides
+    what to load and writes the markers; every rank writes and reads its own files there)."""
+
     def __init__(self, run_dir: Path, keep: int, rank: int, world: int):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = max(1, keep)
         self.rank, self.world = rank, world
+
+    def _room_for_one_more(self, engine) -> str | None:
+        """Rank 0: does the disk hold one more checkpoint beside the ``keep`` ones (keep + 1 while saving)?"""
+        tags = self.complete_tags()
+        if tags:
+            need = _tree_bytes(self.dir / tags[-1][1])
+        else:  # weights + optimizer state (up to two moments) + a margin, before the first one exists
+            need = 4 * sum(p.numel() * p.element_size() for p in engine.module.parameters())
+        self.dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.dir).free
+        if free < 1.1 * need:
+            return (
+                f"{self.dir} has {free / 1e6:.0f} MB free; a checkpoint takes about {need / 1e6:.0f} MB and a save "
+                f"needs room for checkpoint.keep + 1 = {self.keep + 1} of them. Free space, lower checkpoint.keep, "
+                "or move out_dir. The newest complete checkpoint is intact: continue with --resume auto."
+            )
+        return None
 
     def complete_tags(self) -> list[tuple[int, str]]:
         """(global_step, tag) of every complete checkpoint, oldest first."""
@@ -85,13 +151,23 @@ class Checkpointer:
 
     def save(self, engine, tag: str, client_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
         """Collective: every rank calls it."""
+        problem = self._room_for_one_more(engine) if self.rank == 0 else None
+        if rank0_decides(int(problem is not None), engine.device):  # every rank stops, not only rank 0
+            raise SystemExit(
+                f"dat-ds: error: {problem}" if problem else "dat-ds: stopping: rank 0 found no room"
+            )
         engine.save_checkpoint(str(self.dir), tag=tag, client_state={"dat": client_state}, save_latest=False)
         path = self.dir / tag / RANK_FILE.format(self.rank)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(rank_state, tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
         dist.barrier()  # every rank's files are on disk
         if self.rank == 0:
+            for f in (self.dir / tag).iterdir():  # DeepSpeed's files too: on disk before the marker says so
+                if f.is_file():
+                    _fsync(f)
+            _fsync(self.dir / tag)
             _atomic_write_text(self.dir / tag / "config.json", json.dumps(client_state["config"], indent=1))
             meta = {
                 "global_step": client_state["global_step"],
@@ -100,7 +176,9 @@ class Checkpointer:
                 "world_size": self.world,
             }
             _atomic_write_text(self.dir / tag / MARKER, json.dumps(meta))
+            _fsync(self.dir / tag)
             _atomic_write_text(self.dir / "latest", tag)
+            _fsync(self.dir)
             self._prune(tag)
         dist.barrier()
 
@@ -137,5 +215,5 @@ class Checkpointer:
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
-        rank_state = torch.load(self.dir / tag / RANK_FILE.format(self.rank), weights_only=True)
+        rank_state = safe_load(self.dir / tag / RANK_FILE.format(self.rank))
         return client["dat"], rank_state

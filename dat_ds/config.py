@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import tomllib
 
 
 class ConfigError(ValueError):
@@ -34,6 +33,7 @@ class DataConfig:
     image_size: int = 0  # 0: native size from the index
     workers: int = 0  # DataLoader workers per rank
     eval_limit: int = 0  # evaluate on the first N test samples only (0: all)
+    on_bad_sample: Literal["fail", "skip"] = "fail"  # an undecodable training image stops the run, or is skipped
 
     def __post_init__(self) -> None:
         _check(
@@ -62,9 +62,16 @@ class AttackConfig:
     bn_mode: Literal["train", "eval"] = "eval"  # BatchNorm mode while the attack runs
 
     def __post_init__(self) -> None:
-        _check(self.eps >= 0, f"attack.eps={self.eps} must be >= 0")
+        _check(
+            0 <= self.eps <= 1,
+            f"attack.eps={self.eps} must be in [0, 1]: pixels are in [0,1] (e.g. 8/255 = 0.0314, not 8)",
+        )
         _check(self.steps >= 1, f"attack.steps={self.steps} must be >= 1")
-        _check(self.step_size > 0, f"attack.step_size={self.step_size} must be > 0")
+        _check(
+            0 < self.step_size <= 1,
+            f"attack.step_size={self.step_size} must be in (0, 1]: pixels are in [0,1] (e.g. 2/255 = 0.0078)",
+        )
+        _check(self.fgsm_step_ratio > 0, f"attack.fgsm_step_ratio={self.fgsm_step_ratio} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,11 @@ class OptimConfig:
             "optim.c_lower <= optim.c_upper must hold (tau clips to [c_l, c_u])",
         )
         _check(self.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
+        _check(0 <= self.momentum < 1, f"optim.momentum={self.momentum} must be in [0, 1)")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _check(all(0 <= b < 1 for b in self.betas), f"optim.betas={list(self.betas)} must be in [0, 1)")
+        _check(self.gamma > 0, f"optim.gamma={self.gamma} must be > 0")
+        _check(self.lr_ref_batch >= 1, f"optim.lr_ref_batch={self.lr_ref_batch} must be >= 1")
         _check(list(self.milestones) == sorted(self.milestones), "optim.milestones must be increasing")
 
 
@@ -128,6 +140,7 @@ class CommConfig:
             )
             _check(not self.two_sided, "comm.two_sided needs comm.topology='ps'")
         _check(self.block_size >= 8 and self.block_size % 2 == 0, "comm.block_size must be even and >= 8")
+        _check(self.bucket_mb > 0, f"comm.bucket_mb={self.bucket_mb} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,15 @@ class EvalConfig:
     pgd_step_size: float = 0.0  # 0: 2.5 * eps / steps (Madry)
     pgd_restarts: int = 1
     batch_size: int = 256  # per rank
+
+    def __post_init__(self) -> None:
+        for key in ("every_epochs", "pgd_steps", "pgd_restarts", "batch_size"):
+            v = getattr(self, key)
+            _check(v >= 1, f"eval.{key}={v} must be >= 1")
+        _check(
+            0 <= self.pgd_step_size <= 1,
+            f"eval.pgd_step_size={self.pgd_step_size} must be in [0, 1] (0: 2.5 * eps / steps)",
+        )
 
 
 @dataclass(frozen=True)
@@ -150,10 +172,22 @@ class TrainConfig:
     gradient_clipping: float = 0.0
     log_every: int = 0  # steps between progress lines (0: about 10 per epoch)
     max_steps_per_epoch: int = 0  # cap for smoke tests (0: a full pass)
+    collective_timeout_s: float = 600.0  # a rank waiting longer than this for its peers stops the job
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
         _check(self.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+        _check(self.global_batch_size >= 1, "train.global_batch_size must be >= 1")
+        _check(
+            self.max_steps_per_epoch >= 0,
+            f"train.max_steps_per_epoch={self.max_steps_per_epoch} must be >= 0 (0: a full pass)",
+        )
+        _check(self.log_every >= 0, f"train.log_every={self.log_every} must be >= 0")
+        _check(
+            self.collective_timeout_s >= 10,
+            f"train.collective_timeout_s={self.collective_timeout_s} must be >= 10 (seconds)",
+        )
+        _check(self.gradient_clipping >= 0, f"train.gradient_clipping={self.gradient_clipping} must be >= 0")
         _check(
             self.global_batch_size % self.micro_batch_size == 0,
             f"train.global_batch_size={self.global_batch_size} is not a multiple of "
@@ -166,6 +200,11 @@ class CheckpointConfig:
     every_epochs: int = 1
     every_steps: int = 0  # also save mid-epoch every N optimizer steps (0: off)
     keep: int = 2  # complete checkpoints kept (older ones are removed once a newer one is complete)
+
+    def __post_init__(self) -> None:
+        _check(self.every_epochs >= 1, f"checkpoint.every_epochs={self.every_epochs} must be >= 1")
+        _check(self.every_steps >= 0, f"checkpoint.every_steps={self.every_steps} must be >= 0 (0: off)")
+        _check(self.keep >= 1, f"checkpoint.keep={self.keep} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -305,6 +344,7 @@ def load_config(recipe: str | Path | None, overrides: list[str] | tuple[str, ...
 RESUME_MAY_CHANGE = (
     "train.epochs",
     "train.log_every",
+    "train.collective_timeout_s",
     "data.workers",
     "data.eval_limit",
     "eval.",

@@ -108,11 +108,15 @@ def set_cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float = 600) -> None:
+    """The process group, with a collective timeout: a rank that waits longer for its peers (one died, a link went
+    down) raises instead of hanging, and the launcher then stops the others."""
+    from datetime import timedelta
+
     import deepspeed
 
     skip_cpu_shm_build()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -76,7 +76,9 @@ def evaluate(
             x, y = to_input(x, device, channels_last), y.to(device, non_blocking=True)
             with torch.no_grad():
                 clean = model(x).argmax(1) == y
-            x_adv = pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, rand_init=True, restarts=restarts)
+            x_adv = pgd(
+                model, x, y, eps=eps, step_size=step_size, steps=steps, rand_init=True, restarts=restarts
+            )
             with torch.no_grad():
                 robust = model(x_adv).argmax(1) == y
             counts += torch.stack([torch.tensor(len(y), device=device), clean.sum(), robust.sum()])
@@ -359,8 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     sweep = [float(v) for v in a.eps_sweep.split(",") if v.strip()]
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         from .engine import init_distributed
+        from .launch_guard import guard
 
-        init_distributed()
+        guard()  # stop when the deepspeed/torchrun command the user started is gone
+        # ranks wait for the slowest one's chunks at the end: allow hours, not the training's minutes
+        init_distributed(timeout_s=6 * 3600)
     from .engine import set_cpu_threads
 
     set_cpu_threads()

@@ -52,7 +52,10 @@ def make_plan(cfg: RunConfig, world: int) -> Plan:
     index = load_index(cfg.data.shards)
     check_model_name(cfg.model.name)
     accum = gradient_accumulation(cfg, world)
-    steps = batches_per_epoch(index.split("train").count, cfg.train.global_batch_size)
+    try:
+        steps = batches_per_epoch(index.split("train").count, cfg.train.global_batch_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     return Plan(cfg, index, world, accum, steps, build_ds_config(cfg, world))
@@ -63,9 +66,9 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps done in ``epoch``
     global_step: int = 0
-    # running sums of the epoch on this rank: loss*n, n, correct on adversarial inputs. They live on the device
+    # running sums of the epoch on this rank: loss*n, n, correct on adversarial inputs, skipped samples. They live on the device
     # so a step never waits for the host; they are read at log lines, the epoch end and checkpoints.
-    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
     comm_seconds: float = 0.0  # communication time so far in this epoch
     comm_bytes: int = 0
     train_seconds: float = 0.0
@@ -112,10 +115,12 @@ def train_step(engine, batch: tuple[torch.Tensor, torch.Tensor], cfg: RunConfig,
     engine.backward(loss)
     engine.step()  # at the boundary: gradient reduction (dat_ds.comm), clipping, optimizer, LR schedule
     with torch.no_grad():
-        n = len(y)
+        valid = y >= 0  # skipped samples (data.on_bad_sample = "skip") carry the label IGNORE
+        n = valid.sum()
         state.sums[0] += loss.detach().double() * n
         state.sums[1] += n
         state.sums[2] += (logits.argmax(1) == y).sum()
+        state.sums[3] += len(y) - n
 
 
 def replicas_identical(model: torch.nn.Module) -> bool:
@@ -171,7 +176,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     import deepspeed
     import torch.distributed as dist
 
-    from .checkpoint import Checkpointer, set_rng_state
+    from .checkpoint import Checkpointer, secure_checkpoint_engine, set_rng_state
     from .comm import engine_seam
     from .comm.transport import GradientReducer
     from .engine import init_distributed, set_cpu_threads
@@ -179,7 +184,10 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     from .optim import build_optimizer, build_schedule
     from .tracking import NullTracker, Tracker, wandb_mode
 
-    init_distributed()
+    from .launch_guard import guard
+
+    guard()  # stop when the deepspeed/torchrun command the user started is gone
+    init_distributed(cfg.train.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == plan.world
     _setup_logging(rank)
@@ -201,6 +209,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=plan.ds_config
     )
+    secure_checkpoint_engine(engine)  # DeepSpeed's own loader would unpickle with weights_only=False
     if engine.bfloat16_enabled() or engine.fp16_enabled():
         keep_fp32_layers(engine.module)  # the attack's delta reaches the network intact; norms match
     c = cfg.comm
@@ -218,11 +227,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
 
     ckpt = Checkpointer(run_dir, cfg.checkpoint.keep, rank, world)
     state = TrainState()
-    tag = None
-    if resume == "auto":
-        tag = ckpt.latest()
-    elif resume not in ("none", ""):
-        tag = resume
+    tag = resume_tag(ckpt, resume, rank, engine.device)
     if resume == "auto" and tag is None and rank == 0:
         log.info("--resume auto: no complete checkpoint in %s, starting fresh", ckpt.dir)
     if tag is not None:
@@ -325,6 +330,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
             skip=state.step_in_epoch * plan.grad_accum,
             workers=cfg.data.workers,
             accum=plan.grad_accum,
+            on_bad_sample=cfg.data.on_bad_sample,
         )
         engine.train()
         resumed_steps = state.step_in_epoch
@@ -375,6 +381,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
             "epoch_time_s": state.train_seconds,
             "comm_time_s": comm_s,
             "images_per_s": sums[1].item() / max(state.train_seconds, 1e-9),
+            "bad_samples_skipped": int(sums[3].item()),
             "data_mb_per_iter": comm_b / plan.steps_per_epoch / 1e6 if bytes_source != "none" else None,
             "data_mb_source": bytes_source,
             "data_mb_per_iter_theory": reducer.theory_bytes(
@@ -439,6 +446,35 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     return last_record
 
 
+def resume_tag(ckpt, resume: str, rank: int, device: torch.device) -> str | None:
+    """Collective: the checkpoint rank 0 chose (``auto``: its newest complete one), checked visible to every rank."""
+    import torch.distributed as dist
+
+    chosen = ""
+    if rank == 0:
+        chosen = (ckpt.latest() or "") if resume == "auto" else ("" if resume in ("none", "") else resume)
+    buf = torch.zeros(256, dtype=torch.uint8, device=device)
+    raw = chosen.encode()[:256]
+    buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    dist.broadcast(buf, 0)
+    tag = bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
+    if not tag:
+        return None
+    from .checkpoint import MARKER, RANK_FILE
+
+    sees = (ckpt.dir / tag / MARKER).is_file() and (ckpt.dir / tag / RANK_FILE.format(rank)).is_file()
+    blind = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+    blind[rank] = int(not sees)
+    dist.all_reduce(blind)
+    if blind.any():
+        ranks = blind.nonzero().flatten().tolist()
+        raise SystemExit(
+            f"dat-ds: error: rank(s) {ranks} cannot see checkpoint {ckpt.dir / tag} that rank 0 chose: the run "
+            "folder (out_dir) must be on a filesystem every host shares, at the same path"
+        )
+    return tag
+
+
 def check_resume(cfg: RunConfig, resume: str, world: int) -> str | None:
     """Before anything in the run folder is touched: refuse to resume under a recipe that changes the math or the
     data stream. Returns the message, or None."""
@@ -458,11 +494,13 @@ def check_resume(cfg: RunConfig, resume: str, world: int) -> str | None:
     if refused:
         return (
             f"checkpoint {ckpt.dir / tag} was trained under a different recipe; resuming would silently change "
-            "the run:\n  " + "\n  ".join(refused) + "\nResume with the recipe it was written under (its resolved "
+            "the run:\n  "
+            + "\n  ".join(refused)
+            + "\nResume with the recipe it was written under (its resolved "
             f"copy is {ckpt.dir / tag / 'config.json'}), or start a new run with --set name=<new name> "
             "(nothing was changed)"
         )
-    if allowed and int(os.environ.get("RANK", "0")) == 0:
+    if allowed:
         print("dat-ds: resuming with changed settings:\n  " + "\n  ".join(allowed), file=sys.stderr)
     return None
 
@@ -500,30 +538,39 @@ def main(argv: list[str] | None = None) -> int:
             f"{plan.steps_per_epoch} steps/epoch | {plan.index.split('train').count} train samples"
         )
         return 0
-    if (
-        args.resume in ("none", "")
-        and (cfg.run_dir / "checkpoints").is_dir()
-        and any((cfg.run_dir / "checkpoints").iterdir())
-    ):
-        if rank == 0:
+    # Rank 0 alone decides about the run folder (a shared filesystem on a cluster); if it refuses, it exits and
+    # the launcher stops the other ranks.
+    lock = None
+    if rank == 0:
+        from .run_lock import RunFolderBusy, RunLock
+
+        try:
+            lock = RunLock(cfg.run_dir).acquire()
+        except RunFolderBusy as e:
+            print(f"dat-ds: error: {e}", file=sys.stderr)
+            return 2
+        ckpts = cfg.run_dir / "checkpoints"
+        if args.resume in ("none", "") and ckpts.is_dir() and any(ckpts.iterdir()):
             print(
                 f"dat-ds: error: {cfg.run_dir} already holds checkpoints of an earlier run; continue it with "
                 f"--resume auto, or start a new one with --set name=<new name> (nothing was overwritten)",
                 file=sys.stderr,
             )
-        return 2
-    if args.resume not in ("none", ""):
-        problem = check_resume(cfg, args.resume, world)
-        if problem:
-            if rank == 0:
-                print(f"dat-ds: error: {problem}", file=sys.stderr)
             return 2
+        if args.resume not in ("none", ""):
+            problem = check_resume(cfg, args.resume, world)
+            if problem:
+                print(f"dat-ds: error: {problem}", file=sys.stderr)
+                return 2
     try:
         run(cfg, plan, args.resume)
     except ConfigError as e:
         if rank == 0:
             print(f"dat-ds: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -149,3 +150,39 @@ def test_paper_recipes_fit_their_clusters():
         )
     cifar = load_config("recipes/cifar10_preact18_dat_pgd.toml")
     assert gradient_accumulation(cifar, 12) == 4 and cifar.attack.eps == pytest.approx(8 / 255)
+
+
+BAD_VALUES = [
+    ("checkpoint.every_epochs=0", "checkpoint.every_epochs=0 must be >= 1"),
+    ("checkpoint.keep=0", "checkpoint.keep=0 must be >= 1"),
+    ("eval.every_epochs=0", "eval.every_epochs=0 must be >= 1"),
+    ("eval.pgd_steps=0", "eval.pgd_steps=0 must be >= 1"),
+    ("eval.batch_size=0", "eval.batch_size=0 must be >= 1"),
+    ("eval.pgd_restarts=0", "eval.pgd_restarts=0 must be >= 1"),
+    ("train.max_steps_per_epoch=-5", "train.max_steps_per_epoch=-5 must be >= 0"),
+    ("attack.eps=8", r"attack.eps=8.0 must be in \[0, 1\]: pixels are in \[0,1\]"),
+    ("attack.step_size=2", r"attack.step_size=2.0 must be in \(0, 1\]"),
+    ("eval.pgd_step_size=3", r"eval.pgd_step_size=3.0 must be in \[0, 1\]"),
+    ("optim.momentum=1.5", r"optim.momentum=1.5 must be in \[0, 1\)"),
+    ("comm.bucket_mb=0", "comm.bucket_mb=0.0 must be > 0"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_out_of_range_values_are_refused_by_check(override, message, digits_dir, capsys):
+    from dat_ds.train import main
+
+    rc = main(
+        ["recipes/digits_dat_pgd.toml", "--check", "--set", f'data.shards="{digits_dir}"', "--set", override]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(message, err), err
+    assert err.count("\n") == 1, "one line"
+
+
+def test_global_batch_larger_than_the_split(digits_dir, capsys):
+    from dat_ds.train import main
+
+    args = ["--set", f'data.shards="{digits_dir}"', "--set", "train.global_batch_size=4096"]
+    assert main(["recipes/digits_dat_pgd.toml", "--check", *args]) == 2
+    assert "fewer than one global batch of 4096" in capsys.readouterr().err

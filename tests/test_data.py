@@ -4,10 +4,9 @@ import collections
 import itertools
 import tarfile
 
+import numpy as np
 import pytest
 import torch
-
-import numpy as np
 
 from dat_ds.data.loader import (
     StreamSpec,
@@ -220,7 +219,9 @@ def test_truncated_shard_is_refused_at_load(tmp_path, digits_dir):
     shard = d / "train-000003.tar"
     data = shard.read_bytes()
     shard.write_bytes(data[: 90 * 2048])  # cut after sample 90 (2 files of 1 KiB each): tar sees no error
-    with pytest.raises(ShardError, match="train-000003.tar has 184320 bytes but .* says 378880: the file is trunc"):
+    with pytest.raises(
+        ShardError, match="train-000003.tar has 184320 bytes but .* says 378880: the file is trunc"
+    ):
         load_index(d)
     # the streaming reader (evaluation, converters) checks the count on its own
     info = load_index(d, check_files=False).split("train").shards[3]

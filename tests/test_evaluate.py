@@ -173,7 +173,9 @@ def test_robust_accuracy_agrees_in_bf16_and_fp32(trained_run, digits_dir):
     index = load_index(digits_dir)
     accs = []
     for m in (model, low):
-        loader = make_eval_loader(index, "test", rank=0, world=1, augment="none", image_size=8, batch_size=360)
+        loader = make_eval_loader(
+            index, "test", rank=0, world=1, augment="none", image_size=8, batch_size=360
+        )
         c = evaluate(m, loader, eps=0.05, steps=10, step_size=0.0125, restarts=1, device=torch.device("cpu"))
         accs.append(c.acc())
     (ta32, ra32), (ta16, ra16) = accs

@@ -180,6 +180,9 @@ def _ckpt_worker(rank: int, port: int, ckdir: str, out: str) -> None:
     a.save_checkpoint(ckdir, tag="t")
     step(a, 99)
     b = engine()
+    from dat_ds.checkpoint import secure_checkpoint_engine
+
+    secure_checkpoint_engine(b)  # the LALR state loads with weights_only=True
     b.load_checkpoint(ckdir, tag="t")
     sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
     steps = [float(v["step"]) for v in sb["state"].values()]  # read now: the state tensors update in place

@@ -1,6 +1,7 @@
 """Real ranks through the stock deepspeed launcher (CPU accelerator, gloo)."""
 
 import json
+import os
 import subprocess
 import time
 
@@ -10,7 +11,16 @@ import torch
 from safetensors.torch import load_file
 
 import dat_ds.models  # noqa: F401  (registers dat_digits_cnn with timm)
-from tests.conftest import REPO, deepspeed_cmd, kill_tree, launch_env, read_metrics, run_launcher, wait_for
+from tests.conftest import (
+    REPO,
+    VENV_BIN,
+    deepspeed_cmd,
+    kill_tree,
+    launch_env,
+    read_metrics,
+    run_launcher,
+    wait_for,
+)
 
 pytestmark = pytest.mark.launcher
 
@@ -78,7 +88,13 @@ COMPRESSED_4BIT = [
 
 @pytest.mark.parametrize("mode", [[], COMPRESSED_4BIT], ids=["fp32", "4bit-2sided-ef-stochastic"])
 def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tmp_path, digits_dir, mode):
-    common = ["train.epochs=3", "train.deterministic=true", "checkpoint.every_steps=4", "attack.steps=3", *mode]
+    common = [
+        "train.epochs=3",
+        "train.deterministic=true",
+        "checkpoint.every_steps=4",
+        "attack.steps=3",
+        *mode,
+    ]
     ref = run_launcher(
         tmp_path, "digits_dat_pgd.toml", base(tmp_path, digits_dir, "ref", *common), port=29631
     )
@@ -153,3 +169,54 @@ def test_lalr_with_8bit_two_sided_compression_and_accumulation(tmp_path, digits_
         assert r["grad_values_reduced_per_step"] == DIGITS_CNN_PARAMS and r["reduce_calls_per_step"] == 1
         assert abs(r["data_mb_per_iter"] / r["data_mb_per_iter_theory"] - 1) < 0.03
     assert r["clean_acc"] > 0.5
+
+
+def _rank_pids(marker: str) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(ln.split()[0]) for ln in out.splitlines()[1:] if "dat_ds.train" in ln and marker in ln]
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killing_the_deepspeed_command_stops_every_rank(tmp_path, digits_dir, sig):
+    """kill -9 (or SIGTERM) of the `deepspeed` command alone, not its process group: launch.py and both ranks end
+    within 30 s (DeepSpeed's runner forwards no signal on one host; the ranks watch their launchers)."""
+    import signal
+
+    name = f"orphan_{sig.lower()}"
+    ov = base(tmp_path, digits_dir, name, "train.epochs=50")
+    proc = subprocess.Popen(
+        deepspeed_cmd("digits_dat_pgd.toml", ov, port=29661 if sig == "SIGKILL" else 29662),
+        cwd=REPO,
+        env=launch_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(tmp_path / name / "metrics.jsonl", proc)
+        assert len(_rank_pids(name)) == 2
+        os.kill(proc.pid, getattr(signal, sig))
+        proc.wait(timeout=30)
+        t0 = time.time()
+        while _rank_pids(name) and time.time() - t0 < 30:
+            time.sleep(0.5)
+        assert not _rank_pids(name), f"ranks still running {time.time() - t0:.0f} s after the command died"
+    finally:
+        for pid in _rank_pids(name):
+            os.kill(pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_torchrun_still_works(tmp_path, digits_dir):
+    ov = base(tmp_path, digits_dir, "tr", "train.epochs=1", "train.max_steps_per_epoch=3", "eval.every_epochs=1")
+    cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29671", "-m", "dat_ds.train"]
+    cmd += [str(REPO / "recipes" / "digits_dat_pgd.toml")]
+    for o in ov:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = read_metrics(tmp_path / "tr")
+    assert r["steps"] == 3 and r["replicas_identical"] is True

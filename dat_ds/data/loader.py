@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import SampleReader, ShardIndex, Split, read_shard
+from .shards import SampleReader, ShardError, ShardIndex, Split, read_shard
 from .transforms import Augment, decode
 
 
@@ -50,6 +50,10 @@ class StreamSpec:
     skip: int = 0  # micro-batches already consumed (resume)
     workers: int = 0
     accum: int = 1  # micro-batches per rank per optimizer step
+    on_bad_sample: str = "fail"  # or "skip": an undecodable image becomes a zero image labelled IGNORE
+
+
+IGNORE = -100  # the label of a skipped sample: cross_entropy's ignore_index, so it adds nothing to a loss
 
 
 def batches_per_epoch(n_samples: int, global_batch: int) -> int:
@@ -68,7 +72,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.Generator(np.random.PCG64([seed, epoch, 0x5EED])).permutation(n)
 
 
-def micro_batch_ids(order: np.ndarray, b: int, *, rank: int, world: int, micro: int, accum: int) -> np.ndarray:
+def micro_batch_ids(
+    order: np.ndarray, b: int, *, rank: int, world: int, micro: int, accum: int
+) -> np.ndarray:
     """Sample numbers of rank ``rank``'s micro-batch ``b`` (step ``b // accum``, micro-step ``b % accum``)."""
     step, m = divmod(b, accum)
     start = (step * world + rank) * accum * micro + m * micro
@@ -122,16 +128,39 @@ class TrainStream(IterableDataset):
         reader = SampleReader(s.split)
         try:
             for b in worker_batches(s, worker, n_workers):
-                ids = micro_batch_ids(order, b, rank=s.rank, world=s.world, micro=s.micro_batch, accum=s.accum)
-                yield _collate([self._load(reader, int(i)) for i in ids])
+                ids = micro_batch_ids(
+                    order, b, rank=s.rank, world=s.world, micro=s.micro_batch, accum=s.accum
+                )
+                yield self._batch(reader, ids, b)
         finally:
             reader.close()
 
-    def _load(self, reader: SampleReader, i: int) -> tuple[torch.Tensor, int]:
+    def _batch(self, reader: SampleReader, ids: np.ndarray, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode one micro-batch. A skipped sample keeps its place (every batch has the same size on every rank)
+        as a zero image with the label ``IGNORE``, which losses and accuracies leave out."""
+        pairs = [self._load(reader, int(i)) for i in ids]
+        good = [p for p in pairs if p is not None]
+        if not good:
+            raise ShardError(f"every sample of micro-batch {b} (sample numbers {ids.tolist()}) is undecodable")
+        blank = torch.zeros_like(good[0][0])
+        return _collate([p if p is not None else (blank, IGNORE) for p in pairs])
+
+    def _load(self, reader: SampleReader, i: int) -> tuple[torch.Tensor, int] | None:
         s = self.spec
         sample = reader[i]
         rng = random.Random(hash((s.seed, s.epoch, i)))
-        x = decode(sample.image, channels=s.channels, augment=s.augment, train=True, image_size=s.image_size, rng=rng)
+        try:
+            x = decode(
+                sample.image, channels=s.channels, augment=s.augment, train=True, image_size=s.image_size, rng=rng
+            )
+        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for bytes that are no image
+            if s.on_bad_sample == "skip":
+                return None
+            raise ShardError(
+                f"sample {sample.key} (number {i}) of shard {reader.url_of(i)}: cannot decode its image "
+                f'({type(e).__name__}: {e}); replace the shard, or set data.on_bad_sample = "skip" to train '
+                "without such samples (counted in metrics.jsonl)"
+            ) from None
         return x, sample.label
 
 

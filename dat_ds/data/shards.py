@@ -200,7 +200,9 @@ def load_index(root: str | Path, *, check_files: bool = True) -> ShardIndex:
                 )
             if check_files and info.is_local:
                 if not Path(url).is_file():
-                    raise ShardError(f"shard {url} listed in {path} is missing; re-run the data_prep converter")
+                    raise ShardError(
+                        f"shard {url} listed in {path} is missing; re-run the data_prep converter"
+                    )
                 size = os.path.getsize(url)
                 if info.nbytes >= 0 and size != info.nbytes:
                     raise ShardError(
@@ -226,9 +228,7 @@ def load_index(root: str | Path, *, check_files: bool = True) -> ShardIndex:
     )
 
 
-def _tar_members(
-    stream, url: str, want=None
-) -> Iterator[tuple[str, bytes | None, int, int]]:
+def _tar_members(stream, url: str, want=None) -> Iterator[tuple[str, bytes | None, int, int]]:
     """(name, payload, offset of the member's first header, offset after its padding) of each regular file.
 
     A minimal reader of the ustar/GNU layout the converters write: Python's ``tarfile`` (which webdataset's
@@ -344,7 +344,7 @@ def scan_members(url: str) -> list[tuple[int, int, int]]:
     from webdataset.gopen import gopen
 
     rows: list[tuple[int, int, int]] = []
-    key, start, label = None, 0, -1
+    key, start, last_end, label = None, 0, 0, -1
     with gopen(url, "rb", bufsize=1 << 16) as stream:
         for name, payload, hdr_at, end in _tar_members(stream, url, want=lambda n: n.endswith(".cls")):
             stem = _sample_key(name)
@@ -455,6 +455,9 @@ class SampleReader:
         if len(blob) != end - start:
             raise ShardError(f"shard {url} ends before sample {i}'s bytes: the file is truncated")
         return parse_sample(blob, url)
+
+    def url_of(self, i: int) -> str:
+        return self.split.shards[int(self.split.members[i][M_SHARD])].url
 
     def close(self) -> None:
         for f in self._files.values():
