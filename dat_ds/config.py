@@ -33,7 +33,9 @@ class DataConfig:
     image_size: int = 0  # 0: native size from the index
     workers: int = 0  # DataLoader workers per rank
     eval_limit: int = 0  # evaluate on the first N test samples only (0: all)
-    on_bad_sample: Literal["fail", "skip"] = "fail"  # an undecodable training image stops the run, or is skipped
+    on_bad_sample: Literal["fail", "skip"] = (
+        "fail"  # an undecodable training image stops the run, or is skipped
+    )
 
     def __post_init__(self) -> None:
         _check(

@@ -181,10 +181,9 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     from .comm.transport import GradientReducer
     from .engine import init_distributed, set_cpu_threads
     from .export import export_safetensors
+    from .launch_guard import guard
     from .optim import build_optimizer, build_schedule
     from .tracking import NullTracker, Tracker, wandb_mode
-
-    from .launch_guard import guard
 
     guard()  # stop when the deepspeed/torchrun command the user started is gone
     init_distributed(cfg.train.collective_timeout_s)

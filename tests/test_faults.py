@@ -66,14 +66,29 @@ def test_an_undecodable_image_is_named_or_skipped(tmp_path, digits_dir, workers)
     bad = _corrupt_one_image(digits_dir, tmp_path / "d")
     split = load_index(tmp_path / "d").split("train")
     spec = dict(
-        split=split, channels=1, augment="none", image_size=8, micro_batch=32, batches=22, rank=0, world=2,
-        seed=0, epoch=0, workers=workers,
+        split=split,
+        channels=1,
+        augment="none",
+        image_size=8,
+        micro_batch=32,
+        batches=22,
+        rank=0,
+        world=2,
+        seed=0,
+        epoch=0,
+        workers=workers,
     )
     # the bad sample must fall in rank 0's share for this test: find the epoch where it does
     from dat_ds.data.loader import epoch_order
 
-    spec["epoch"] = next(e for e in range(50) if bad in epoch_order(split.count, 0, e)[:1437 // 64 * 64].reshape(-1, 64)[:, :32])
-    with pytest.raises(ShardError, match=r"sample train\d+ \(number 100\) of shard .*train-00000\d\.tar: cannot decode"):
+    spec["epoch"] = next(
+        e
+        for e in range(50)
+        if bad in epoch_order(split.count, 0, e)[: 1437 // 64 * 64].reshape(-1, 64)[:, :32]
+    )
+    with pytest.raises(
+        ShardError, match=r"sample train\d+ \(number 100\) of shard .*train-00000\d\.tar: cannot decode"
+    ):
         list(make_train_loader(StreamSpec(**spec)))
     batches = list(make_train_loader(StreamSpec(**spec, on_bad_sample="skip")))
     assert len(batches) == 22 and all(x.shape == (32, 1, 8, 8) for x, _ in batches)

@@ -211,12 +211,24 @@ def test_killing_the_deepspeed_command_stops_every_rank(tmp_path, digits_dir, si
 
 
 def test_torchrun_still_works(tmp_path, digits_dir):
-    ov = base(tmp_path, digits_dir, "tr", "train.epochs=1", "train.max_steps_per_epoch=3", "eval.every_epochs=1")
-    cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29671", "-m", "dat_ds.train"]
+    ov = base(
+        tmp_path, digits_dir, "tr", "train.epochs=1", "train.max_steps_per_epoch=3", "eval.every_epochs=1"
+    )
+    cmd = [
+        str(VENV_BIN / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29671",
+        "-m",
+        "dat_ds.train",
+    ]
     cmd += [str(REPO / "recipes" / "digits_dat_pgd.toml")]
     for o in ov:
         cmd += ["--set", o]
-    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=launch_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (r,) = read_metrics(tmp_path / "tr")
     assert r["steps"] == 3 and r["replicas_identical"] is True

@@ -141,7 +141,9 @@ class TrainStream(IterableDataset):
         pairs = [self._load(reader, int(i)) for i in ids]
         good = [p for p in pairs if p is not None]
         if not good:
-            raise ShardError(f"every sample of micro-batch {b} (sample numbers {ids.tolist()}) is undecodable")
+            raise ShardError(
+                f"every sample of micro-batch {b} (sample numbers {ids.tolist()}) is undecodable"
+            )
         blank = torch.zeros_like(good[0][0])
         return _collate([p if p is not None else (blank, IGNORE) for p in pairs])
 
@@ -151,7 +153,12 @@ class TrainStream(IterableDataset):
         rng = random.Random(hash((s.seed, s.epoch, i)))
         try:
             x = decode(
-                sample.image, channels=s.channels, augment=s.augment, train=True, image_size=s.image_size, rng=rng
+                sample.image,
+                channels=s.channels,
+                augment=s.augment,
+                train=True,
+                image_size=s.image_size,
+                rng=rng,
             )
         except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for bytes that are no image
             if s.on_bad_sample == "skip":
