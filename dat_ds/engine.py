@@ -120,3 +120,45 @@ def init_distributed(timeout_s: float = 600) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _my_address() -> str:
+    """The address this process reaches the rendezvous from (what its peers see)."""
+    import socket
+
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((master, int(os.environ.get("MASTER_PORT", "29500"))))  # UDP: nothing is sent
+            return s.getsockname()[0]
+    except OSError:
+        return "0.0.0.0"
+
+
+def rank_addresses(device: torch.device) -> list[str]:
+    """Collective: every rank's IPv4 address, by rank (to name a lost peer when a collective fails)."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([int(p) for p in _my_address().split(".")], dtype=torch.int64, device=device)
+    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [".".join(str(int(v)) for v in t.tolist()) for t in out]
+
+
+def describe_collective_failure(err: BaseException, addresses: list[str], timeout_s: float) -> str:
+    """One message for a collective that failed: which ranks were lost, if the error says, and what to do."""
+    import re
+
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    peers = set(re.findall(r"\[(\d+\.\d+\.\d+\.\d+)\]", str(err)))
+    lost = [r for r, a in enumerate(addresses) if a in peers]
+    if lost and len(set(addresses)) > 1:
+        who = f"lost contact with rank(s) {lost} at {', '.join(sorted(peers))}"
+    elif "imed out" in text or "timeout" in text.lower():
+        who = f"a collective waited longer than train.collective_timeout_s = {timeout_s:g} s for its peers"
+    else:
+        who = "a collective failed"
+    return (
+        f"{who} ({text[:200]}): another rank stopped, its host went down or the network was cut; see that rank's "
+        "log. The newest complete checkpoint is intact: continue with --resume auto."
+    )

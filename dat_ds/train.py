@@ -32,6 +32,7 @@ from .evaluate import evaluate, to_input
 from .models import build_model, check_model_name, keep_fp32_layers
 
 log = logging.getLogger("dat_ds")
+PEERS: list[str] = []  # every rank's address, by rank (names a lost peer when a collective fails)
 
 
 @dataclass
@@ -188,6 +189,14 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     guard()  # stop when the deepspeed/torchrun command the user started is gone
     init_distributed(cfg.train.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
+    from .engine import rank_addresses
+
+    device = (
+        torch.device(f"cuda:{torch.cuda.current_device()}")
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    PEERS[:] = rank_addresses(device)
     assert world == plan.world
     _setup_logging(rank)
     _seed_everything(cfg.train.seed, rank, cfg.train.deterministic)
@@ -567,6 +576,17 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"dat-ds: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # gloo and NCCL report a lost peer or a timeout as RuntimeError (subclasses)
+        collective = isinstance(e, torch.distributed.DistError) or any(
+            k in str(e) for k in ("gloo", "NCCL", "Connection closed", "Timed out", "timed out")
+        )
+        if not PEERS or not collective:
+            raise
+        from .engine import describe_collective_failure
+
+        msg = describe_collective_failure(e, PEERS, cfg.train.collective_timeout_s)
+        print(f"dat-ds: rank {rank}: error: {msg}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if lock is not None:
             lock.release()

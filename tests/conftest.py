@@ -97,3 +97,17 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         if time.time() - t0 > timeout:
             raise AssertionError(f"{path} did not appear in {timeout}s")
         time.sleep(0.05)
+
+
+def proc_pids(match) -> list[int]:
+    """Pids of live processes whose command line (args joined by spaces) satisfies ``match``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if match(cmd):
+                out.append(int(d.name))
+    return out

@@ -17,6 +17,7 @@ from tests.conftest import (
     deepspeed_cmd,
     kill_tree,
     launch_env,
+    proc_pids,
     read_metrics,
     run_launcher,
     wait_for,
@@ -172,8 +173,7 @@ def test_lalr_with_8bit_two_sided_compression_and_accumulation(tmp_path, digits_
 
 
 def _rank_pids(marker: str) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(ln.split()[0]) for ln in out.splitlines()[1:] if "dat_ds.train" in ln and marker in ln]
+    return proc_pids(lambda cmd: "dat_ds.train" in cmd and "--local_rank" in cmd and marker in cmd)
 
 
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])

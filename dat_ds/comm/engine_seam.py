@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.distributed as dist
 
 from ..config import ConfigError
 from .transport import GradientReducer
@@ -91,8 +92,11 @@ def install(engine, reducer: GradientReducer) -> None:
             flat_buffers[key_] = torch.empty(n, dtype=bucket[0].dtype, device=bucket[0].device)
         tensor = flat_buffers[key_]
         torch.cat([t.reshape(-1) for t in bucket], out=tensor)
+        # DeepSpeed's data-parallel group is a new_group with the default timeout; when it spans the world (ZeRO-0,
+        # no model parallelism) reduce on the default group, created with the recipe's collective timeout.
+        group = None if dist.get_world_size(dp_group) == dist.get_world_size() else dp_group
         with torch.no_grad():
-            reducer.reduce_(tensor, group=dp_group, key=f"{tensor.dtype}:{tensor.numel()}")
+            reducer.reduce_(tensor, group=group, key=f"{tensor.dtype}:{tensor.numel()}")
         return tensor
 
     engine.allreduce_bucket = allreduce_bucket
