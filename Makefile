@@ -12,7 +12,7 @@ NPROC ?= 2
 # check is left to `python -m dat_ds.evaluate` runs, it would double the demo's evaluation time.
 DEMO_EVAL ?= --chunk 180 --no-square-check --eps-sweep 0.1,0.3
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast test-cluster lint bench clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not launcher" tests
+
+# Two simulated hosts (network namespaces) through the launcher's multi-node path; needs root, skips elsewhere.
+test-cluster: setup data/digits/index.json
+	$(PY) -m pytest -q -ra tests/test_cluster.py
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
