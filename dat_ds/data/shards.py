@@ -236,7 +236,7 @@ def _tar_members(stream, url: str, want=None) -> Iterator[tuple[str, bytes | Non
     records are honoured; other member types are skipped. With ``want`` (a predicate on the name), other
     payloads are skipped (seeked over where the stream can) and yielded as ``None``.
     """
-    seekable = hasattr(stream, "seekable") and stream.seekable()
+    seekable = want is not None and hasattr(stream, "seekable") and stream.seekable()  # only skips seek
     file_size = None
     if seekable:
         here = stream.tell()
@@ -443,7 +443,7 @@ class SampleReader:
         self.split, self.max_open = split, max_open
 
     def __getitem__(self, i: int) -> Sample:
-        shard, start, end, _ = (int(v) for v in self.split.members[i])
+        shard, start, end, _ = self.split.members[i].tolist()
         f = self._files.get(shard)
         if f is None:
             if len(self._files) >= self.max_open:
