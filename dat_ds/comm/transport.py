@@ -94,11 +94,6 @@ class GradientReducer:
         self._generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None  # restored from a checkpoint, applied on first use
 
-    def reset_state(self) -> None:
-        """Forget error-feedback residuals (skipped step)."""
-        self.worker_ef.reset()
-        self.server_ef.reset()
-
     def state_dict(self) -> dict[str, object]:
         """This rank's reducer state, tensors only (a checkpoint's ``dat_rank{r}.pt``): the error-feedback
         residuals and the stochastic-rounding generator. Without them a resumed run compresses differently."""
