@@ -180,7 +180,7 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     from .checkpoint import Checkpointer, secure_checkpoint_engine, set_rng_state
     from .comm import engine_seam
     from .comm.transport import GradientReducer
-    from .engine import init_distributed, set_cpu_threads
+    from .engine import init_distributed, rank_addresses, set_cpu_threads
     from .export import export_safetensors
     from .launch_guard import guard
     from .optim import build_optimizer, build_schedule
@@ -189,8 +189,6 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     guard()  # stop when the deepspeed/torchrun command the user started is gone
     init_distributed(cfg.train.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
-    from .engine import rank_addresses
-
     device = (
         torch.device(f"cuda:{torch.cuda.current_device()}")
         if torch.cuda.is_available()
