@@ -7,6 +7,7 @@ runner, DeepSpeed's ``launch.py``, ``torchrun``) from a daemon thread, and ends 
 any of them disappearing. On a remote host of a multi-node run the rank watches its own ``launch.py``; if the
 user's command dies on the head node only, the remote ranks end when their next collective times out
 (``train.collective_timeout_s``).
+Under ``dat_ds.supervise`` the supervisor is one of the launchers watched: killing it stops the ranks too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ LAUNCHERS = (
     "torchrun",
     "torch.distributed.run",
     "torch.distributed.launch",
+    "dat_ds.supervise",
 )
 
 

@@ -232,3 +232,65 @@ def test_torchrun_still_works(tmp_path, digits_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (r,) = read_metrics(tmp_path / "tr")
     assert r["steps"] == 3 and r["replicas_identical"] is True
+
+
+def test_supervisor_rewrites_the_command_for_a_restart():
+    from dat_ds.supervise import restart_command
+
+    ds = ["deepspeed", "--num_gpus", "2", "--master_port", "29500", "--module", "dat_ds.train", "r.toml"]
+    assert restart_command(ds, 41000) == [
+        "deepspeed", "--num_gpus", "2", "--master_port", "41000", "--module", "dat_ds.train", "r.toml",
+        "--resume", "auto",
+    ]  # fmt: skip
+    tr = [
+        "torchrun",
+        "--nproc_per_node=2",
+        "--master-port=1",
+        "-m",
+        "dat_ds.train",
+        "r.toml",
+        "--resume=none",
+    ]
+    assert restart_command(tr, 7) == [
+        "torchrun", "--nproc_per_node=2", "--master-port=7", "-m", "dat_ds.train", "r.toml", "--resume", "auto",
+    ]  # fmt: skip
+    bare = ["deepspeed", "--module", "dat_ds.train", "r.toml", "--resume", "epoch0001", "--set", "a.b=1"]
+    assert restart_command(bare, 9) == [
+        "deepspeed", "--master_port=9", "--module", "dat_ds.train", "r.toml", "--set", "a.b=1", "--resume", "auto",
+    ]  # fmt: skip
+
+
+def test_supervisor_restarts_after_a_killed_rank_and_finishes(tmp_path, digits_dir):
+    """Recovery without a human: a rank dies by kill -9 mid-epoch, dat_ds.supervise starts the launcher again with
+    --resume auto, and the run finishes from its newest checkpoint with every epoch logged once."""
+    ov = base(tmp_path, digits_dir, "sup", "train.epochs=2", "checkpoint.every_steps=4", "attack.steps=3")
+    cmd = [
+        str(VENV_BIN / "python"), "-m", "dat_ds.supervise", "--max-restarts", "1", "--delay", "0", "--",
+        *deepspeed_cmd("digits_dat_pgd.toml", ov, port=29641),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=launch_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(tmp_path / "sup" / "checkpoints" / "step00000004" / "COMPLETE", proc)
+        ranks = proc_pids(lambda c: "dat_ds.train" in c and "--local_rank=1" in c and str(tmp_path) in c)
+        assert len(ranks) == 1, ranks
+        os.kill(ranks[0], 9)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode == 0, out[-4000:]
+    assert "restart 1/1" in out and "--resume auto" in out and "resumed from" in out
+    assert "finished after 1 restart(s)" in out
+    recs = read_metrics(tmp_path / "sup")
+    assert [r["epoch"] for r in recs] == [1, 2]
+    assert recs[-1]["steps"] == 2 * 11 and recs[-1]["replicas_identical"] is True
+    assert (tmp_path / "sup" / "model.safetensors").exists()
+    assert not proc_pids(lambda c: "dat_ds.train" in c and str(tmp_path) in c)
