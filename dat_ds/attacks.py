@@ -87,3 +87,34 @@ def fgsm(
     delta = _project(x, delta, eps)
     g = _input_grad(model, x, delta, y)
     return (x + _project(x, delta.detach() + step_size * g.sign(), eps)).detach()
+
+
+def _kl_to(log_p_adv: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
+    """KL(p_clean || p_adv) per example, summed over classes (TRADES' ``KLDivLoss(reduction='sum')`` per row)."""
+    return (p_clean * (p_clean.clamp_min(1e-12).log() - log_p_adv)).sum(1)
+
+
+def trades_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    init_std: float = 0.001,
+    uniform_init: bool = False,
+) -> torch.Tensor:
+    """TRADES' inner maximization (Zhang et al. 2019): l-inf PGD on KL(f(x) || f(x+delta)), started at
+    x + 0.001 N(0, I) as in the authors' code (``uniform_init``: anywhere in the ball, for a single step, since
+    the KL's gradient vanishes at delta = 0); needs no labels (so it serves pseudo-labelled data alike)."""
+    x = x.detach().float()
+    with torch.no_grad():
+        p_clean = F.softmax(model(x).float(), 1)
+    start = torch.empty_like(x).uniform_(-eps, eps) if uniform_init else init_std * torch.randn_like(x)
+    delta = _project(x, start, eps)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        kl = _kl_to(F.log_softmax(model(x + delta).float(), 1), p_clean).sum()
+        (g,) = torch.autograd.grad(kl, [delta])
+        delta = _project(x, delta.detach() + step_size * g.sign(), eps)
+    return (x + delta).detach()

@@ -78,10 +78,28 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    clean_weight: float = 1.0  # lambda in lambda*CE(clean) + CE(adv); 0 is Madry AT, DAT's code uses 1
+    objective: Literal["dat", "trades"] = "dat"  # dat_ds/objectives.py
+    clean_weight: float = 1.0  # dat: lambda in lambda*CE(clean) + CE(adv); 0 is Madry AT, DAT's code uses 1
+    trades_beta: float = 6.0  # trades: CE(clean) + beta*KL(f(x) || f(x_adv))
 
     def __post_init__(self) -> None:
         _check(self.clean_weight >= 0, "loss.clean_weight must be >= 0")
+        _check(self.trades_beta >= 0, "loss.trades_beta must be >= 0")
+
+
+@dataclass(frozen=True)
+class UnlabeledConfig:
+    """A second, pseudo-labelled shard set streamed beside data.shards (RST, Carmon et al. 2019)."""
+
+    shards: str = ""  # a set written by dat_ds.pseudo_label (or data_prep.tiny_images --rst-labels); "": none
+    fraction: float = 0.5  # of every micro-batch, on every rank and step (RST's unsup_fraction)
+
+    def __post_init__(self) -> None:
+        _check(
+            0 < self.fraction < 1,
+            f"unlabeled.fraction={self.fraction} must be in (0, 1): the share of each micro-batch drawn from "
+            "unlabeled.shards",
+        )
 
 
 @dataclass(frozen=True)
@@ -224,12 +242,34 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            not (self.loss.objective == "trades" and self.attack.method == "none"),
+            'loss.objective="trades" needs an attack (attack.method = "pgd" or "fgsm")',
+        )
+        if self.unlabeled.shards:
+            u = self.unlabeled.fraction * self.train.micro_batch_size
+            _check(
+                abs(u - round(u)) < 1e-9 and 1 <= round(u) < self.train.micro_batch_size,
+                f"unlabeled.fraction={self.unlabeled.fraction} of train.micro_batch_size="
+                f"{self.train.micro_batch_size} is {u:g} samples: it must be a whole number between 1 and "
+                "micro_batch_size - 1, so that every micro-batch on every rank has exactly that share",
+            )
+
+    @property
+    def unlabeled_per_micro(self) -> int:
+        """Samples of each micro-batch drawn from unlabeled.shards (0 without a second stream)."""
+        if not self.unlabeled.shards:
+            return 0
+        return round(self.unlabeled.fraction * self.train.micro_batch_size)
 
     @property
     def run_dir(self) -> Path:
@@ -369,11 +409,14 @@ def resume_differences(saved: dict[str, Any], new: RunConfig) -> tuple[list[str]
     """(refused, allowed) differences between a checkpoint's resolved recipe and the one resuming it, each as
     ``key: old -> new``."""
     a, b = _flatten(saved), _flatten(new.to_dict())
+    defaults = _flatten(dataclasses.asdict(RunConfig()))
     refused, allowed = [], []
     for key in sorted(a.keys() | b.keys()):
         old, cur = a.get(key, "<absent>"), b.get(key, "<absent>")
         if old == cur:
             continue
+        if key not in a and key in defaults and cur == defaults[key]:
+            continue  # a key added after the checkpoint was written, at its default: the same run
         line = f"{key}: {old!r} -> {cur!r}"
         (allowed if key.startswith(RESUME_MAY_CHANGE) else refused).append(line)
     return refused, allowed

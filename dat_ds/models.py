@@ -159,6 +159,34 @@ class DigitsCNN(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
+class MnistCNN(nn.Module):
+    """Three 3x3 conv-BN-ReLU layers with pooling after the first two, for 28x28 inputs (the MNIST studies):
+    about 8 M multiply-adds per image at width 32, a quarter of DigitsCNN's cost at that size."""
+
+    def __init__(
+        self, num_classes: int = 10, in_chans: int = 1, width: int = 32, drop_rate: float = 0.0, **_: object
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+
+        def block(a: int, b: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(a, b, 3, 1, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True)
+            )
+
+        self.features = nn.Sequential(
+            block(in_chans, width),
+            nn.MaxPool2d(2),
+            block(width, 2 * width),
+            nn.MaxPool2d(2),
+            block(2 * width, 4 * width),
+        )
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
 def _no_pretrained(pretrained: bool, name: str) -> None:
     if pretrained:
         raise ValueError(f"{name} has no pretrained weights; set model.pretrained = false")
@@ -190,6 +218,12 @@ def wrn34_10(pretrained: bool = False, **kwargs) -> PreActResNet:
 def dat_digits_cnn(pretrained: bool = False, **kwargs) -> DigitsCNN:
     _no_pretrained(pretrained, "dat_digits_cnn")
     return DigitsCNN(**kwargs)
+
+
+@register_model
+def dat_mnist_cnn(pretrained: bool = False, **kwargs) -> MnistCNN:
+    _no_pretrained(pretrained, "dat_mnist_cnn")
+    return MnistCNN(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ factory

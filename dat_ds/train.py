@@ -5,8 +5,9 @@
     torchrun --nproc_per_node 2 -m dat_ds.train recipes/digits_dat_pgd.toml
     python -m dat_ds.train recipes/digits_dat_pgd.toml --check --world-size 36   # validate only, no ranks
 
-Per step, in data-flow order: batch -> attack (on engine.module, input gradients only) -> loss
-lambda*CE(clean) + CE(adv) -> engine.backward -> engine.step (the accumulation boundary reduces the gradients once
+Per step, in data-flow order: batch (labeled, plus a pseudo-labelled share with [unlabeled]) -> objective
+(dat_ds/objectives.py: attack on engine.module, input gradients only, then the loss: DAT's lambda*CE(clean) +
+CE(adv), or TRADES) -> engine.backward -> engine.step (the accumulation boundary reduces the gradients once
 through dat_ds.comm, clips, applies the optimizer) -> running metrics. Per epoch: BatchNorm buffers averaged
 across ranks -> TA/RA on the test split -> metrics.jsonl + wandb -> checkpoint.
 """
@@ -22,14 +23,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from .attacks import bn_mode, fgsm, pgd
 from .config import ConfigError, RunConfig, load_config
-from .data.loader import StreamSpec, batches_per_epoch, make_eval_loader, make_train_loader
+from .data.loader import PairedLoader, StreamSpec, batches_per_epoch, make_eval_loader, make_train_loader
 from .data.shards import ShardError, ShardIndex, load_index
 from .evaluate import evaluate, to_input
 from .models import build_model, check_model_name, keep_fp32_layers
+from .objectives import OBJECTIVES
 
 log = logging.getLogger("dat_ds")
 PEERS: list[str] = []  # every rank's address, by rank (names a lost peer when a collective fails)
@@ -45,21 +45,55 @@ class Plan:
     grad_accum: int
     steps_per_epoch: int
     ds_config: dict = field(repr=False)
+    unlabeled: ShardIndex | None = None  # the pseudo-labelled set of [unlabeled], if any
 
 
 def make_plan(cfg: RunConfig, world: int) -> Plan:
     from .engine import build_ds_config, gradient_accumulation
 
     index = load_index(cfg.data.shards)
+    if not index.labeled:
+        raise ConfigError(
+            f"data.shards={cfg.data.shards} is an unlabeled set; train on a labeled one, and stream this one as "
+            "[unlabeled] after labelling it with dat_ds.pseudo_label"
+        )
     check_model_name(cfg.model.name)
     accum = gradient_accumulation(cfg, world)
+    unlabeled = None
+    u = cfg.unlabeled_per_micro
+    labeled_batch = (
+        cfg.train.global_batch_size // cfg.train.micro_batch_size * (cfg.train.micro_batch_size - u)
+    )
     try:
-        steps = batches_per_epoch(index.split("train").count, cfg.train.global_batch_size)
+        steps = batches_per_epoch(index.split("train").count, labeled_batch)
+        if u:
+            unlabeled = load_index(cfg.unlabeled.shards)
+            check_unlabeled(cfg, index, unlabeled)
+            batches_per_epoch(
+                unlabeled.split("train").count, cfg.train.global_batch_size // cfg.train.micro_batch_size * u
+            )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
-    return Plan(cfg, index, world, accum, steps, build_ds_config(cfg, world))
+    return Plan(cfg, index, world, accum, steps, build_ds_config(cfg, world), unlabeled)
+
+
+def check_unlabeled(cfg: RunConfig, index: ShardIndex, unlabeled: ShardIndex) -> None:
+    where = f"unlabeled.shards={cfg.unlabeled.shards}"
+    if not unlabeled.labeled:
+        raise ConfigError(
+            f"{where} has no labels yet; label it first: deepspeed --module dat_ds.pseudo_label RUN "
+            f"{cfg.unlabeled.shards} OUT (RUN: a model trained on {cfg.data.shards}), then point unlabeled.shards at OUT"
+        )
+    if unlabeled.channels != index.channels or unlabeled.num_classes != index.num_classes:
+        raise ConfigError(
+            f"{where} has {unlabeled.channels} channels and {unlabeled.num_classes} classes, data.shards has "
+            f"{index.channels} and {index.num_classes}: they must match"
+        )
+
+
+SUMS = 7
 
 
 @dataclass
@@ -67,9 +101,10 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps done in ``epoch``
     global_step: int = 0
-    # running sums of the epoch on this rank: loss*n, n, correct on adversarial inputs, skipped samples. They live on the device
-    # so a step never waits for the host; they are read at log lines, the epoch end and checkpoints.
-    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
+    # running sums of the epoch on this rank: loss, count and correct (on adversarial inputs) of the labeled samples,
+    # skipped samples, then loss, count and correct of the pseudo-labelled ones. They live on the device so a step
+    # never waits for the host; they are read at log lines, the epoch end and checkpoints.
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(SUMS, dtype=torch.float64))
     comm_seconds: float = 0.0  # communication time so far in this epoch
     comm_bytes: int = 0
     train_seconds: float = 0.0
@@ -94,34 +129,23 @@ class TrainState:
         }
 
 
-def attack_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
-    a = cfg.attack
-    with bn_mode(model, a.bn_mode):
-        if a.method == "pgd":
-            return pgd(model, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, rand_init=a.rand_init)
-        return fgsm(model, x, y, eps=a.eps, step_size=a.fgsm_step_ratio * a.eps, rand_init=a.rand_init)
-
-
-def train_step(engine, batch: tuple[torch.Tensor, torch.Tensor], cfg: RunConfig, state: TrainState) -> None:
+def train_step(engine, batch: tuple, cfg: RunConfig, state: TrainState) -> None:
     """One micro-batch. ``engine.step()`` is called every time; the engine decides where the boundary is."""
-    x, y = batch
+    x, y, n_labeled = batch if len(batch) == 3 else (*batch, len(batch[1]))
     x = to_input(x, engine.device, cfg.model.channels_last)
     y = y.to(engine.device, non_blocking=True)
     # Pixels stay fp32 into the model, whatever the engine's precision (see models.NormalizedModel).
-    x_adv = x if cfg.attack.method == "none" else attack_batch(engine.module, x, y, cfg)
-    logits = engine(x_adv).float()
-    loss = F.cross_entropy(logits, y)
-    if cfg.attack.method != "none" and cfg.loss.clean_weight > 0:
-        loss = loss + cfg.loss.clean_weight * F.cross_entropy(engine(x).float(), y)
-    engine.backward(loss)
+    out = OBJECTIVES[cfg.loss.objective](engine, engine.module, x, y, cfg)
+    engine.backward(out.loss)
     engine.step()  # at the boundary: gradient reduction (dat_ds.comm), clipping, optimizer, LR schedule
     with torch.no_grad():
         valid = y >= 0  # skipped samples (data.on_bad_sample = "skip") carry the label IGNORE
-        n = valid.sum()
-        state.sums[0] += loss.detach().double() * n
-        state.sums[1] += n
-        state.sums[2] += (logits.argmax(1) == y).sum()
-        state.sums[3] += len(y) - n
+        right = (out.logits.argmax(1) == y) & valid
+        for part, at in ((slice(0, n_labeled), 0), (slice(n_labeled, None), 4)):  # labeled, pseudo-labelled
+            state.sums[at] += out.per_example[part].double().sum()
+            state.sums[at + 1] += valid[part].sum()
+            state.sums[at + 2] += right[part].sum()
+        state.sums[3] += (~valid).sum()
 
 
 def replicas_identical(model: torch.nn.Module) -> bool:
@@ -242,7 +266,9 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
             epoch=client["epoch"],
             step_in_epoch=client["step_in_epoch"],
             global_step=client["global_step"],
-            sums=rank_state["sums"],
+            sums=torch.cat(
+                [rank_state["sums"], torch.zeros(SUMS - len(rank_state["sums"]), dtype=torch.float64)]
+            ),
         )
         state.comm_seconds, comm_bytes, state.train_seconds = rank_state["timers"].tolist()
         state.comm_bytes = int(comm_bytes)
@@ -322,27 +348,11 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     while state.epoch < cfg.train.epochs:
         epoch = state.epoch
         state.sums = state.sums.to(engine.device)  # no-op on CPU; on CUDA, dist.all_reduce needs it there
-        spec = StreamSpec(
-            split=index.split("train"),
-            channels=index.channels,
-            augment=cfg.data.augment,
-            image_size=image_size,
-            micro_batch=cfg.train.micro_batch_size,
-            batches=plan.steps_per_epoch * plan.grad_accum,
-            rank=rank,
-            world=world,
-            seed=cfg.train.seed,
-            epoch=epoch,
-            skip=state.step_in_epoch * plan.grad_accum,
-            workers=cfg.data.workers,
-            accum=plan.grad_accum,
-            on_bad_sample=cfg.data.on_bad_sample,
-        )
         engine.train()
         resumed_steps = state.step_in_epoch
         t_seg = time.perf_counter()
         micro = state.step_in_epoch * plan.grad_accum
-        for batch in make_train_loader(spec, pin_memory=pin):
+        for batch in train_batches(cfg, plan, epoch, state.step_in_epoch, rank, image_size, pin):
             train_step(engine, batch, cfg, state)
             micro += 1
             if micro % plan.grad_accum:
@@ -353,14 +363,15 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
                 state.step_in_epoch % log_every == 0 or state.step_in_epoch == plan.steps_per_epoch
             ):
                 s = state.sums.tolist()
+                n = max(s[1] + s[5], 1)
                 log.info(
                     "epoch %d/%d step %d/%d | loss %.4f | adv acc %.3f | lr %.4g",
                     epoch + 1,
                     cfg.train.epochs,
                     state.step_in_epoch,
                     plan.steps_per_epoch,
-                    s[0] / max(s[1], 1),
-                    s[2] / max(s[1], 1),
+                    (s[0] + s[4]) / n,
+                    (s[2] + s[6]) / n,
                     engine.get_lr()[0],
                 )
             every = cfg.checkpoint.every_steps
@@ -381,12 +392,12 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
         comm_s, comm_b = epoch_comm()
         record = {
             "epoch": epoch + 1,
-            "train_loss": sums[0].item() / sums[1].item(),
-            "train_adv_acc": sums[2].item() / sums[1].item(),
+            "train_loss": (sums[0] + sums[4]).item() / (sums[1] + sums[5]).item(),
+            "train_adv_acc": (sums[2] + sums[6]).item() / (sums[1] + sums[5]).item(),
             "lr": engine.get_lr()[0],
             "epoch_time_s": state.train_seconds,
             "comm_time_s": comm_s,
-            "images_per_s": sums[1].item() / max(state.train_seconds, 1e-9),
+            "images_per_s": (sums[1] + sums[5]).item() / max(state.train_seconds, 1e-9),
             "bad_samples_skipped": int(sums[3].item()),
             "data_mb_per_iter": comm_b / plan.steps_per_epoch / 1e6 if bytes_source != "none" else None,
             "data_mb_source": bytes_source,
@@ -397,6 +408,11 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
             "steps": state.global_step,
             "world_size": world,
         }
+        if plan.unlabeled is not None:  # per source: the labeled set and the pseudo-labelled one
+            for src, at in (("labeled", 0), ("pseudo", 4)):
+                record[f"train_loss_{src}"] = sums[at].item() / max(sums[at + 1].item(), 1)
+                record[f"train_adv_acc_{src}"] = sums[at + 2].item() / max(sums[at + 1].item(), 1)
+                record[f"train_samples_{src}"] = int(sums[at + 1].item())
         d = reducer.stats.since(reduce_mark)
         steps_here = plan.steps_per_epoch - resumed_steps
         record["grad_values_reduced_per_step"] = d.numel / max(steps_here, 1)
@@ -450,6 +466,44 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     tracker.finish()
     dist.barrier()
     return last_record
+
+
+def train_batches(
+    cfg: RunConfig, plan: Plan, epoch: int, done_steps: int, rank: int, image_size: int, pin: bool
+):
+    """This rank's micro-batches of ``epoch`` from step ``done_steps`` on: (x, y), or with [unlabeled]
+    (x, y, n_labeled) where the first n_labeled samples come from data.shards and the rest from unlabeled.shards."""
+    u = cfg.unlabeled_per_micro
+    common = dict(
+        augment=cfg.data.augment,
+        image_size=image_size,
+        batches=plan.steps_per_epoch * plan.grad_accum,
+        rank=rank,
+        world=plan.world,
+        seed=cfg.train.seed,
+        epoch=epoch,
+        skip=done_steps * plan.grad_accum,
+        workers=cfg.data.workers,
+        accum=plan.grad_accum,
+        on_bad_sample=cfg.data.on_bad_sample,
+    )
+    labeled = StreamSpec(
+        split=plan.index.split("train"),
+        channels=plan.index.channels,
+        micro_batch=cfg.train.micro_batch_size - u,
+        **common,
+    )
+    if not u:
+        return make_train_loader(labeled, pin_memory=pin)
+    pseudo = StreamSpec(
+        split=plan.unlabeled.split("train"),
+        channels=plan.unlabeled.channels,
+        micro_batch=u,
+        cycle=True,
+        step_offset=epoch * plan.steps_per_epoch,
+        **common,
+    )
+    return PairedLoader(labeled, pseudo, pin_memory=pin)
 
 
 def resume_tag(ckpt, resume: str, rank: int, device: torch.device) -> str | None:

@@ -31,6 +31,12 @@ _ALLOWED = {
 }
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    if encoding not in ("latin1", "latin-1"):
+        raise UntrustedPickle(f"a bytes object in encoding {encoding!r}; only latin1 is expected")
+    return text.encode("latin1")
+
+
 class UntrustedPickle(ValueError):
     """The file asks to run or build something other than numpy arrays."""
 
@@ -48,6 +54,8 @@ class _ArraysOnly(pickle.Unpickler):
             return _ALLOWED[(top[-1], name)]
         if module == "numpy" and name in ("int64", "int32", "uint8", "float32", "float64"):
             return getattr(np, name)
+        if (module, name) == ("_codecs", "encode"):  # how Python 3 writes bytes in protocol 2: str -> bytes, no code
+            return _latin1_bytes
         raise UntrustedPickle(
             f"{self.source} asks to load {module}.{name}; only numpy arrays are allowed here, so it was refused "
             "before anything in it ran (is it the file you meant, as its publisher distributes it?)"

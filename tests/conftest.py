@@ -111,3 +111,24 @@ def proc_pids(match) -> list[int]:
             if match(cmd):
                 out.append(int(d.name))
     return out
+
+
+@pytest.fixture(scope="session")
+def semisup_digits(digits_dir, tmp_path_factory) -> dict[str, Path]:
+    """scikit-learn digits as a semi-supervised task: 30 labels per class (300 images, seed 0), the other 1,137
+    training images as an unlabeled set, and that set labelled by a perfect labeller (its hidden labels, confidence
+    1) through the pseudo-labelling stage's writer: a pseudo-labelled set to stream in tests."""
+    import numpy as np
+
+    from dat_ds.data.shards import load_index
+    from dat_ds.pseudo_label import write_labelled_set
+    from data_prep.unlabeled import split_labels
+
+    root = tmp_path_factory.mktemp("semisup")
+    lab, unl, pseudo = root / "l30", root / "u", root / "pseudo"
+    split_labels(digits_dir, lab, unl, per_class=30, seed=0, per_shard=200)
+    index = load_index(unl)
+    truth = np.load(unl / "heldout_labels.npy")
+    table = np.stack([truth.astype(np.float64), np.ones(len(truth))], 1)
+    write_labelled_set(index, index.split("train"), table, pseudo, {"labeller": "held-out labels"}, 300)
+    return {"labeled": lab, "unlabeled": unl, "pseudo": pseudo}

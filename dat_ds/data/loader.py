@@ -15,6 +15,11 @@ so a rank's stream is identical with any number of workers, and with a resume in
 ``TrainStream.__iter__``). Augmentation draws from an RNG seeded by (seed, epoch, sample number): the same crop
 whoever decodes the sample.
 
+A second, pseudo-labelled stream (semi-supervised training, ``PairedLoader``) follows the same rules with
+``cycle=True``: it fills a fixed share of every micro-batch, runs on epochs of its own (a permutation of its whole
+split per pass, every sample once per pass) and is positioned by the global step, so it too is identical for any
+number of workers and across a resume, while the labeled set defines the epoch.
+
 Evaluation reads each test sample exactly once across ranks (split by shard when there are enough shards, else by
 sample); ranks may get different counts, and metrics are reduced as sums.
 """
@@ -51,6 +56,10 @@ class StreamSpec:
     workers: int = 0
     accum: int = 1  # micro-batches per rank per optimizer step
     on_bad_sample: str = "fail"  # or "skip": an undecodable image becomes a zero image labelled IGNORE
+    # A second (unlabeled) stream runs on its own epochs: micro-batch b of this labeled epoch is global step
+    # ``step_offset + b // accum`` of a stream whose epochs are ``count // (micro * world * accum)`` steps long.
+    cycle: bool = False
+    step_offset: int = 0
 
 
 IGNORE = -100  # the label of a skipped sample: cross_entropy's ignore_index, so it adds nothing to a loss
@@ -109,10 +118,20 @@ def worker_batches(spec: StreamSpec, worker: int, n_workers: int) -> range:
     return range(first, spec.batches, n_workers)
 
 
+def cycle_position(spec: StreamSpec, b: int) -> tuple[int, int]:
+    """(epoch of the cycled stream, micro-batch number within it) of this epoch's micro-batch ``b``."""
+    per_epoch = spec.split.count // (spec.micro_batch * spec.world * spec.accum)  # steps in one of its epochs
+    step, m = divmod(b, spec.accum)
+    epoch, within = divmod(spec.step_offset + step, per_epoch)
+    return epoch, within * spec.accum + m
+
+
 class TrainStream(IterableDataset):
     def __init__(self, spec: StreamSpec):
         super().__init__()
         needed = spec.batches // spec.accum * spec.accum * spec.micro_batch * spec.world
+        if spec.cycle:  # one step's worth is enough: the stream wraps into its next epoch
+            needed = spec.accum * spec.micro_batch * spec.world
         if spec.batches % spec.accum or needed > spec.split.count:
             raise ValueError(
                 f"{spec.batches} micro-batches of {spec.micro_batch} x {spec.world} ranks (accumulation "
@@ -124,21 +143,27 @@ class TrainStream(IterableDataset):
         s = self.spec
         info = get_worker_info()
         n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        order = epoch_order(s.split.count, s.seed, s.epoch)
+        orders: dict[int, np.ndarray] = {}
         reader = SampleReader(s.split)
         try:
             for b in worker_batches(s, worker, n_workers):
+                epoch, within = cycle_position(s, b) if s.cycle else (s.epoch, b)
+                if epoch not in orders:
+                    orders.clear()
+                    orders[epoch] = epoch_order(s.split.count, s.seed, epoch)
                 ids = micro_batch_ids(
-                    order, b, rank=s.rank, world=s.world, micro=s.micro_batch, accum=s.accum
+                    orders[epoch], within, rank=s.rank, world=s.world, micro=s.micro_batch, accum=s.accum
                 )
-                yield self._batch(reader, ids, b)
+                yield self._batch(reader, ids, b, epoch)
         finally:
             reader.close()
 
-    def _batch(self, reader: SampleReader, ids: np.ndarray, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(
+        self, reader: SampleReader, ids: np.ndarray, b: int, epoch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one micro-batch. A skipped sample keeps its place (every batch has the same size on every rank)
         as a zero image with the label ``IGNORE``, which losses and accuracies leave out."""
-        pairs = [self._load(reader, int(i)) for i in ids]
+        pairs = [self._load(reader, int(i), epoch) for i in ids]
         good = [p for p in pairs if p is not None]
         if not good:
             raise ShardError(
@@ -147,10 +172,10 @@ class TrainStream(IterableDataset):
         blank = torch.zeros_like(good[0][0])
         return _collate([p if p is not None else (blank, IGNORE) for p in pairs])
 
-    def _load(self, reader: SampleReader, i: int) -> tuple[torch.Tensor, int] | None:
+    def _load(self, reader: SampleReader, i: int, epoch: int) -> tuple[torch.Tensor, int] | None:
         s = self.spec
         sample = reader[i]
-        rng = random.Random(hash((s.seed, s.epoch, i)))
+        rng = random.Random(hash((s.seed, epoch, i)))
         try:
             x = decode(
                 sample.image,
@@ -231,6 +256,22 @@ def _own_generator() -> torch.Generator:
     # A DataLoader draws its workers' base seed from the global torch RNG unless given a generator; that draw
     # would shift the attack's noise in a resumed run. Our streams seed themselves, so a fixed one will do.
     return torch.Generator().manual_seed(0)
+
+
+class PairedLoader:
+    """Two streams, one micro-batch: ``labeled`` samples first, then ``unlabeled`` (pseudo-labelled) ones. Yields
+    (x, y, n_labeled). Both streams yield the same number of micro-batches (the labeled epoch's), so every rank
+    gets the same number of steps and exactly the same split of each micro-batch."""
+
+    def __init__(self, labeled: StreamSpec, unlabeled: StreamSpec, pin_memory: bool = False):
+        assert labeled.batches == unlabeled.batches and labeled.skip == unlabeled.skip
+        self.a = make_train_loader(labeled, pin_memory)
+        self.b = make_train_loader(unlabeled, pin_memory)
+        self.n = labeled.micro_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        for (xa, ya), (xb, yb) in zip(self.a, self.b, strict=True):
+            yield torch.cat([xa, xb]), torch.cat([ya, yb]), self.n
 
 
 def make_train_loader(spec: StreamSpec, pin_memory: bool = False) -> DataLoader:

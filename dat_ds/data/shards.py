@@ -43,7 +43,10 @@ class Sample:
     key: str
     image: bytes
     ext: str  # "png" | "jpg"
-    label: int
+    label: int  # -1 in an unlabeled set
+    extra: tuple[
+        tuple[str, bytes], ...
+    ] = ()  # other members, e.g. ("conf", b"0.98") in a pseudo-labelled set
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class ShardIndex:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     splits: dict[str, Split]
+    labeled: bool = True  # False: an unlabeled set (labels -1), for pseudo-labelling, not for training
 
     def split(self, name: str) -> Split:
         if name not in self.splits:
@@ -90,7 +94,7 @@ def write_tar(path: Path, samples: list[Sample]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for s in samples:
-            for ext, payload in ((s.ext, s.image), ("cls", str(s.label).encode())):
+            for ext, payload in ((s.ext, s.image), ("cls", str(s.label).encode()), *s.extra):
                 info = tarfile.TarInfo(f"{s.key}.{ext}")
                 info.size = len(payload)
                 info.mtime = 0  # reproducible shards
@@ -225,6 +229,7 @@ def load_index(root: str | Path, *, check_files: bool = True) -> ShardIndex:
         mean=tuple(raw["mean"]),
         std=tuple(raw["std"]),
         splits=splits,
+        labeled=bool(raw.get("labeled", True)),
     )
 
 
@@ -381,7 +386,8 @@ def _make_sample(url: str, key: str, files: dict[str, bytes]) -> Sample:
     ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
     if ext is None or "cls" not in files:
         raise ShardError(f"{url}: sample {key} has no image or no .cls ({sorted(files)})")
-    return Sample(key=key, image=files[ext], ext=ext, label=int(files["cls"]))
+    extra = tuple((k, v) for k, v in sorted(files.items()) if k not in (ext, "cls"))
+    return Sample(key=key, image=files[ext], ext=ext, label=int(files["cls"]), extra=extra)
 
 
 def parse_sample(blob: bytes, url: str) -> Sample:

@@ -1,0 +1,79 @@
+"""Training objectives: pure functions of (model, batch, config) -> loss.
+
+Each takes ``forward`` (the DeepSpeed engine: its forward installs the hooks its backward needs), ``module`` (the
+bare model, ``engine.module``, which the attack differentiates through for input gradients only, never touching
+parameter ``.grad``), a batch ``x`` (fp32 pixels in [0,1]) and ``y`` (labels; ``IGNORE`` marks a skipped sample, it
+adds nothing), and the run's config. It returns the scalar to back-propagate, the per-example loss (for per-source
+metrics) and the logits whose accuracy the run reports (on the adversarial inputs). A recipe picks one with
+``loss.objective``; a new objective (randomized-smoothing training, next) is a new function in ``OBJECTIVES``.
+
+- ``dat``:    lambda * CE(f(x), y) + CE(f(x_adv), y), x_adv from PGD or FGSM on CE (the DAT paper; lambda =
+              ``loss.clean_weight``, 0 is Madry's AT; ``attack.method = "none"`` is standard training).
+- ``trades``: CE(f(x), y) + beta * KL(f(x) || f(x_adv)), x_adv maximizing that KL (Zhang et al. 2019; RST uses it
+              on labeled and pseudo-labelled samples alike, beta = ``loss.trades_beta``, 6 in both papers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks import _kl_to, bn_mode, fgsm, pgd, trades_attack
+from .config import RunConfig
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor  # scalar, mean over the valid examples of the micro-batch
+    per_example: torch.Tensor  # (B,), detached; 0 where the label is IGNORE
+    logits: torch.Tensor  # (B, classes), detached: the reported (adversarial) accuracy is taken from these
+
+
+def _mean(per_example: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return (per_example * valid).sum() / valid.sum().clamp_min(1)
+
+
+def ce_attack(module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """The inner maximization of ``dat``: PGD-K or FGSM with random start on the cross-entropy."""
+    a = cfg.attack
+    with bn_mode(module, a.bn_mode):
+        if a.method == "pgd":
+            return pgd(module, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, rand_init=a.rand_init)
+        return fgsm(module, x, y, eps=a.eps, step_size=a.fgsm_step_ratio * a.eps, rand_init=a.rand_init)
+
+
+def dat(forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> LossOut:
+    valid = (y >= 0).float()
+    if cfg.attack.method == "none":
+        logits = forward(x).float()
+        per = F.cross_entropy(logits, y, reduction="none")
+    else:
+        x_adv = ce_attack(module, x, y, cfg)
+        logits = forward(x_adv).float()
+        per = F.cross_entropy(logits, y, reduction="none")
+        if cfg.loss.clean_weight > 0:
+            per = per + cfg.loss.clean_weight * F.cross_entropy(forward(x).float(), y, reduction="none")
+    return LossOut(_mean(per, valid), per.detach() * valid, logits.detach())
+
+
+def trades(forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> LossOut:
+    a = cfg.attack
+    valid = (y >= 0).float()
+    with bn_mode(module, a.bn_mode):
+        if a.method == "fgsm":  # one KL step from a uniform start, the Fast-AT analogue
+            step = a.fgsm_step_ratio * a.eps
+            x_adv = trades_attack(module, x, eps=a.eps, step_size=step, steps=1, uniform_init=True)
+        else:
+            x_adv = trades_attack(module, x, eps=a.eps, step_size=a.step_size, steps=a.steps)
+    logits_clean = forward(x).float()
+    logits_adv = forward(x_adv).float()
+    kl = _kl_to(F.log_softmax(logits_adv, 1), F.softmax(logits_clean, 1))
+    per = F.cross_entropy(logits_clean, y, reduction="none") + cfg.loss.trades_beta * kl
+    return LossOut(_mean(per, valid), per.detach() * valid, logits_adv.detach())
+
+
+OBJECTIVES: dict[str, Callable[..., LossOut]] = {"dat": dat, "trades": trades}

