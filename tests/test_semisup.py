@@ -451,3 +451,29 @@ def test_the_two_stream_set_up_streams_real_pseudo_labels(semisup_digits):
     cfg, plan = _plan(semisup_digits["labeled"], semisup_digits["pseudo"], world=2)
     assert plan.unlabeled.labeled and plan.unlabeled.split("train").count == 1137
     assert plan.steps_per_epoch == 300 // 16
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("cifar10_ti500k_*.toml")))
+def test_table3_recipes_fit_their_clusters_and_check(tmp_path, digits_dir, recipe, capsys):
+    """The Table 3 recipes at 12 ranks: the paper's per-worker batch, an exact half of every micro-batch from the
+    pseudo-labelled set, and `--check` passing on small files in the real formats (CIFAR batches, the TI pickle)."""
+    from dat_ds.engine import gradient_accumulation
+    from dat_ds.train import main
+    from data_prep.cifar import main as cifar_main
+    from data_prep.tiny_images import main as ti_main
+    from tests.test_data_prep import write_cifar10
+
+    cfg = load_config(REPO / "recipes" / recipe)
+    per_worker = 2048 if "preact18" in recipe else 128
+    assert cfg.train.global_batch_size == 12 * per_worker
+    assert cfg.train.global_batch_size == 12 * cfg.train.micro_batch_size * gradient_accumulation(cfg, 12)
+    assert cfg.unlabeled_per_micro * 2 == cfg.train.micro_batch_size
+    assert cfg.attack.method == ("pgd" if recipe.endswith("pgd.toml") else "fgsm")
+    write_cifar10(tmp_path / "cifar-10-batches-py", digits_dir)
+    cifar_main([str(tmp_path / "cifar-10-batches-py"), str(tmp_path / "c10")])
+    _ti_file(tmp_path / "ti.pickle", n=24)
+    ti_main([str(tmp_path / "ti.pickle"), str(tmp_path / "ti"), "--rst-labels"])
+    small = ["--set", f'data.shards="{tmp_path / "c10"}"', "--set", f'unlabeled.shards="{tmp_path / "ti"}"',
+             "--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=24"]  # fmt: skip
+    assert main([str(REPO / "recipes" / recipe), "--check", "--world-size", "12", *small]) == 0
+    assert "5 steps/epoch" in capsys.readouterr().out  # 60 labeled images / 12 labeled per step
