@@ -78,6 +78,19 @@ def run_launcher(
     return proc
 
 
+def start(cmd: list[str], tmp: Path) -> subprocess.Popen:
+    """Start ``cmd`` in its own session (so ``kill_tree`` can end all of it), output merged into ``stdout``."""
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=launch_env(tmp),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 

@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from dat_ds.attacks import bn_mode, fgsm, pgd
-from dat_ds.models import DigitsCNN, NormalizedModel
+from dat_ds.models import NormalizedModel, SmallCNN
 
 
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    m = NormalizedModel(DigitsCNN(num_classes=10, in_chans=1, width=8), [0.3], [0.4])
+    m = NormalizedModel(SmallCNN(num_classes=10, in_chans=1, width=8), [0.3], [0.4])
     return m.eval()
 
 

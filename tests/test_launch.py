@@ -20,6 +20,7 @@ from tests.conftest import (
     proc_pids,
     read_metrics,
     run_launcher,
+    start,
     wait_for,
 )
 
@@ -102,15 +103,7 @@ def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tmp_path, digits_dir,
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     ov = base(tmp_path, digits_dir, "killed", *common)
-    proc = subprocess.Popen(
-        deepspeed_cmd("digits_dat_pgd.toml", ov, port=29632),
-        cwd=REPO,
-        env=launch_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start(deepspeed_cmd("digits_dat_pgd.toml", ov, port=29632), tmp_path)
     # 11 steps an epoch: step 16 is mid-epoch 2; kill right after its checkpoint completes.
     wait_for(tmp_path / "killed" / "checkpoints" / "step00000016" / "COMPLETE", proc)
     time.sleep(0.3)
@@ -184,7 +177,7 @@ def test_killing_the_deepspeed_command_stops_every_rank(tmp_path, digits_dir, si
 
     name = f"orphan_{sig.lower()}"
     ov = base(tmp_path, digits_dir, name, "train.epochs=50")
-    proc = subprocess.Popen(
+    proc = start(
         deepspeed_cmd("digits_dat_pgd.toml", ov, port=29661 if sig == "SIGKILL" else 29662),
         cwd=REPO,
         env=launch_env(tmp_path),
@@ -268,15 +261,7 @@ def test_supervisor_restarts_after_a_killed_rank_and_finishes(tmp_path, digits_d
         str(VENV_BIN / "python"), "-m", "dat_ds.supervise", "--max-restarts", "1", "--delay", "0", "--",
         *deepspeed_cmd("digits_dat_pgd.toml", ov, port=29641),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=launch_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = subprocess.Popen(cmd, tmp_path)
     try:
         wait_for(tmp_path / "sup" / "checkpoints" / "step00000004" / "COMPLETE", proc)
         ranks = proc_pids(lambda c: "dat_ds.train" in c and "--local_rank=1" in c and str(tmp_path) in c)
@@ -315,15 +300,7 @@ def test_kill9_two_streams_trades_resume_matches_uninterrupted(tmp_path, semisup
 
     ref = run_launcher(tmp_path, "digits_dat_pgd.toml", ov("ref"), port=29651)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    proc = subprocess.Popen(
-        deepspeed_cmd("digits_dat_pgd.toml", ov("killed"), port=29652),
-        cwd=REPO,
-        env=launch_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start(deepspeed_cmd("digits_dat_pgd.toml", ov("killed"), port=29652), tmp_path)
     wait_for(tmp_path / "killed" / "checkpoints" / "step00000010" / "COMPLETE", proc)  # epoch 3, step 2
     time.sleep(0.3)
     kill_tree(proc)

@@ -404,7 +404,7 @@ def test_pseudo_labels_do_not_depend_on_the_world_size_and_resume(tmp_path, semi
     unl = semisup_digits["unlabeled"]
     assert main([str(labeller_run), str(unl), str(tmp_path / "one"), "--chunk", "100", "--batch", "64"]) == 0
     env = launch_env(tmp_path)
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29661", "--module", "dat_ds.pseudo_label",
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29671", "--module", "dat_ds.pseudo_label",
            str(labeller_run), str(unl), str(tmp_path / "two"), "--chunk", "100", "--batch", "64"]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
