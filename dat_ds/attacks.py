@@ -118,3 +118,33 @@ def trades_attack(
         (g,) = torch.autograd.grad(kl, [delta])
         delta = _project(x, delta.detach() + step_size * g.sign(), eps)
     return (x + delta).detach()
+
+
+def smooth_adv_l2(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    eps: float,
+    steps: int,
+) -> torch.Tensor:
+    """SmoothAdv's attack (Salman et al. 2019): l2 PGD on the soft smoothed classifier, -log of the mean softmax
+    over the m noisy copies ``x + noise`` (``noise``: (m * B, ...), copy j of example i at row i * m + j, fixed over
+    the steps), step 2 * eps / steps along the normalized gradient, projected to the l2 ball and to [0,1]."""
+    x = x.detach().float()
+    m = len(noise) // len(x)
+    step = 2 * eps / steps
+    delta = torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        noisy = (x + delta).repeat_interleave(m, dim=0) + noise
+        p = F.softmax(model(noisy).float(), 1).view(len(x), m, -1).mean(1)
+        loss = F.nll_loss(p.clamp_min(1e-12).log(), y)
+        (g,) = torch.autograd.grad(loss, [delta])
+        g_norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+        delta = delta.detach() + step * g / g_norm
+        d_norm = delta.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+        delta = delta * (eps / d_norm.clamp_min(eps))  # into the l2 ball
+        delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()

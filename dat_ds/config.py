@@ -78,13 +78,29 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    objective: Literal["dat", "trades"] = "dat"  # dat_ds/objectives.py
+    objective: Literal["dat", "trades", "gaussian", "smoothadv"] = "dat"  # dat_ds/objectives.py
     clean_weight: float = 1.0  # dat: lambda in lambda*CE(clean) + CE(adv); 0 is Madry AT, DAT's code uses 1
     trades_beta: float = 6.0  # trades: CE(clean) + beta*KL(f(x) || f(x_adv))
 
     def __post_init__(self) -> None:
         _check(self.clean_weight >= 0, "loss.clean_weight must be >= 0")
         _check(self.trades_beta >= 0, "loss.trades_beta must be >= 0")
+
+
+@dataclass(frozen=True)
+class SmoothingConfig:
+    """Training for randomized smoothing (loss.objective = "gaussian" or "smoothadv")."""
+
+    sigma: float = 0.25  # std of the Gaussian noise, in [0,1] pixel units
+    noise_samples: int = 1  # N noisy copies of every example per step (the DAT paper compares 2 and 20)
+    attack_eps: float = 0.5  # smoothadv: l2 radius of the attack on the smoothed classifier
+    attack_steps: int = 1  # smoothadv: l2 PGD steps (step 2 * eps / steps, as Salman et al.)
+
+    def __post_init__(self) -> None:
+        _check(self.sigma > 0, f"smoothing.sigma={self.sigma} must be > 0")
+        _check(self.noise_samples >= 1, f"smoothing.noise_samples={self.noise_samples} must be >= 1")
+        _check(self.attack_eps > 0, f"smoothing.attack_eps={self.attack_eps} must be > 0")
+        _check(self.attack_steps >= 1, f"smoothing.attack_steps={self.attack_steps} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -243,6 +259,7 @@ class RunConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
+    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -154,7 +154,10 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         widths = (in_chans, width, 2 * width, 4 * width)
         for i in range(3):
-            layers += [nn.Conv2d(widths[i], widths[i + 1], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[i + 1])]
+            layers += [
+                nn.Conv2d(widths[i], widths[i + 1], 3, 1, 1, bias=False),
+                nn.BatchNorm2d(widths[i + 1]),
+            ]
             layers[-2:] = [nn.Sequential(*layers[-2:], nn.ReLU(inplace=True))]
             if i in pool_after:
                 layers.append(nn.MaxPool2d(2))

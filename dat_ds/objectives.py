@@ -11,6 +11,11 @@ metrics) and the logits whose accuracy the run reports (on the adversarial input
               ``loss.clean_weight``, 0 is Madry's AT; ``attack.method = "none"`` is standard training).
 - ``trades``: CE(f(x), y) + beta * KL(f(x) || f(x_adv)), x_adv maximizing that KL (Zhang et al. 2019; RST uses it
               on labeled and pseudo-labelled samples alike, beta = ``loss.trades_beta``, 6 in both papers).
+- ``gaussian``: mean over N noisy copies x + sigma * e of CE(f(x + sigma * e), y) (Cohen et al. 2019's training for
+              randomized smoothing; N = ``smoothing.noise_samples``: the DAT paper's Table 2 compares N = 2 and 20).
+- ``smoothadv``: the same on x_adv, an l2 attack on the soft smoothed classifier estimated with the same N copies
+              (Salman et al. 2019), radius ``smoothing.attack_eps``, ``smoothing.attack_steps`` steps.
+Noise is added to [0,1] pixels, before the model's normalization layer, and not clipped (as Cohen's code).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import _kl_to, bn_mode, fgsm, pgd, trades_attack
+from .attacks import _kl_to, bn_mode, fgsm, pgd, smooth_adv_l2, trades_attack
 from .config import RunConfig
 
 
@@ -76,4 +81,42 @@ def trades(forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tenso
     return LossOut(_mean(per, valid), per.detach() * valid, logits_adv.detach())
 
 
-OBJECTIVES: dict[str, Callable[..., LossOut]] = {"dat": dat, "trades": trades}
+def _noisy_ce(
+    forward: Callable, x_rep: torch.Tensor, y: torch.Tensor, n: int, valid: torch.Tensor
+) -> LossOut:
+    """Mean CE over the n noisy copies of each example (rows i * n .. i * n + n - 1 belong to example i)."""
+    logits = forward(x_rep).float()
+    per = F.cross_entropy(logits, y.repeat_interleave(n), reduction="none").view(-1, n).mean(1)
+    # reported accuracy: the majority vote of the copies, a one-draw estimate of the smoothed classifier
+    votes = F.one_hot(logits.argmax(1).clamp_min(0), logits.shape[1]).view(len(y), n, -1).sum(1).float()
+    return LossOut(_mean(per, valid), per.detach() * valid, votes.detach())
+
+
+def gaussian(
+    forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig
+) -> LossOut:
+    s = cfg.smoothing
+    valid = (y >= 0).float()
+    noisy = x.repeat_interleave(s.noise_samples, dim=0)
+    noisy = noisy + s.sigma * torch.randn_like(noisy)
+    return _noisy_ce(forward, noisy, y, s.noise_samples, valid)
+
+
+def smoothadv(
+    forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig
+) -> LossOut:
+    s = cfg.smoothing
+    valid = (y >= 0).float()
+    n = s.noise_samples
+    noise = s.sigma * torch.randn_like(x.repeat_interleave(n, dim=0))
+    with bn_mode(module, cfg.attack.bn_mode):
+        x_adv = smooth_adv_l2(module, x, y.clamp_min(0), noise, eps=s.attack_eps, steps=s.attack_steps)
+    return _noisy_ce(forward, x_adv.repeat_interleave(n, dim=0) + noise, y, n, valid)
+
+
+OBJECTIVES: dict[str, Callable[..., LossOut]] = {
+    "dat": dat,
+    "trades": trades,
+    "gaussian": gaussian,
+    "smoothadv": smoothadv,
+}

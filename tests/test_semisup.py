@@ -360,42 +360,6 @@ def test_dat_objective_matches_the_formula():
 # ------------------------------------------------------------------------------------------ pseudo-labelling
 
 
-@pytest.fixture
-def labeller_run(tmp_path, semisup_digits):
-    """A run folder holding an exported digits CNN (seeded weights, trained 30 SGD steps here on the 300 labels)."""
-    from dat_ds.config import load_config
-    from dat_ds.export import export_safetensors
-    from dat_ds.models import build_model
-
-    index = load_index(semisup_digits["labeled"])
-    cfg = load_config(REPO / "recipes/digits_standard.toml", [f'data.shards="{semisup_digits["labeled"]}"'])
-    torch.manual_seed(0)
-    model = build_model(cfg.model, 10, 1, index.mean, index.std)
-    r = SampleReader(index.split("train"))
-    from dat_ds.data.transforms import decode
-
-    x = (
-        torch.stack(
-            [
-                decode(r[i].image, channels=1, augment="none", train=False, image_size=8, rng=None)
-                for i in range(300)
-            ]
-        ).float()
-        / 255
-    )
-    y = torch.tensor([r[i].label for i in range(300)])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(30):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    run = tmp_path / "labeller"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
-    export_safetensors(model.eval(), cfg, index, run / "model.safetensors")
-    return run
-
-
 @pytest.mark.launcher
 def test_pseudo_labels_do_not_depend_on_the_world_size_and_resume(tmp_path, semisup_digits, labeller_run):
     from dat_ds.export import load_exported
