@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     # Cohen's certify.py spells them --N0 and --N; the deepspeed launcher would take a lower-case --n for an
     # abbreviation of its own --num_gpus/--num_nodes and stop.
     p.add_argument("--N0", "--n0", dest="n0", type=int, default=100, help="draws that select the class (100)")
-    p.add_argument("--N", dest="n", type=int, default=100_000, help="draws that bound its probability (100,000)")
+    p.add_argument(
+        "--N", dest="n", type=int, default=100_000, help="draws that bound its probability (100,000)"
+    )
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (Cohen: 0.001)")
     p.add_argument(
         "--subset", type=int, default=0, help="certify a random subset of N test examples (0: all)"

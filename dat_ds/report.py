@@ -1,6 +1,11 @@
-"""Results tables from run folders, in the layout of the paper's Table 1.
+"""Results tables from run folders, in the layouts of the paper's Table 1 and Table 2.
 
     python -m dat_ds.report runs/demo/digits_dat_pgd runs/demo/digits_standard [--out table.md]
+    python -m dat_ds.report --certified runs/cifar10_preact18_smooth_* [--out table2.md]
+
+Table 2 (``--certified``): one row per certification found under each run's ``certify/`` (written by
+``dat_ds.certify``): the training (objective, sigma, N noise samples per example), the certification's sigma and n,
+and certified accuracy at the l2 radii 0.05 .. 0.5.
 
 TA and RA come from the last epoch in ``metrics.jsonl`` (or from ``eval.json`` where the evaluation command wrote
 one, which adds AA); T and C are the mean training and communication seconds per epoch.
@@ -16,6 +21,12 @@ from pathlib import Path
 def _method(cfg: dict) -> str:
     a = cfg["attack"]["method"]
     name = {"pgd": f"DAT-PGD-{cfg['attack']['steps']}", "fgsm": "DAT-FGSM", "none": "standard"}[a]
+    objective = cfg.get("loss", {}).get("objective", "dat")
+    if objective in ("gaussian", "smoothadv"):
+        sm = cfg["smoothing"]
+        name = f"{'Gaussian' if objective == 'gaussian' else 'SmoothAdv'} σ={sm['sigma']:g} N={sm['noise_samples']}"
+    elif objective == "trades":
+        name = name.replace("DAT-", "DAT-TRADES-")
     if cfg["optim"]["name"] == "lalr":
         name += " +LALR"
     c = cfg["comm"]
@@ -77,12 +88,52 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+TABLE2_RADII = ("0.05", "0.10", "0.15", "0.20", "0.25", "0.30", "0.35", "0.40", "0.45", "0.50")
+
+
+def certified_rows(run_dir: Path) -> list[dict]:
+    run_dir = Path(run_dir)
+    found = sorted((run_dir / "certify").glob("*/certify.json"))
+    if not found:
+        raise SystemExit(f"{run_dir} has no certify/*/certify.json: run dat_ds.certify on it first")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    rows = []
+    for f in found:
+        c = json.loads(f.read_text())
+        rows.append(
+            {
+                "run": run_dir.name,
+                "method": _method(cfg),
+                "sigma": c["sigma"],
+                "n": c["n"],
+                "examples": c["n_examples"],
+                "acc": c["certified_accuracy"],
+            }
+        )
+    return rows
+
+
+def certified_table(rows: list[dict]) -> str:
+    head = (
+        "| run | training | certified σ | n | examples | " + " | ".join(f"r={r}" for r in TABLE2_RADII) + " |"
+    )
+    lines = [head, "|" + "---|" * (5 + len(TABLE2_RADII))]
+    for r in rows:
+        accs = " | ".join(f"{r['acc'][k]:.3f}" if k in r["acc"] else "–" for k in TABLE2_RADII)
+        lines.append(f"| {r['run']} | {r['method']} | {r['sigma']:g} | {r['n']} | {r['examples']} | {accs} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    p.add_argument("--certified", action="store_true", help="Table 2: certified accuracy per l2 radius")
     a = p.parse_args(argv)
-    text = table([summarize(r) for r in a.runs])
+    if a.certified:
+        text = certified_table([row for r in a.runs for row in certified_rows(r)])
+    else:
+        text = table([summarize(r) for r in a.runs])
     print(text)
     if a.out:
         a.out.write_text(text + "\n")

@@ -175,6 +175,14 @@ def test_certification_is_the_same_on_one_and_two_ranks_and_resumes(tmp_path, la
     assert rep["certified_accuracy"]["0.00"] == pytest.approx(((radius >= 0) & (correct == 1)).mean())
     assert rep["certified_accuracy"]["0.25"] == pytest.approx(((radius >= 0.25) & (correct == 1)).mean())
     assert (one / "certified_accuracy.png").stat().st_size > 1000
+    from dat_ds.report import certified_rows, certified_table
+
+    t2 = certified_table(certified_rows(labeller_run))
+    assert (
+        "| r=0.05 |" in t2
+        and f"| {rep['certified_accuracy']['0.25']:.3f} |" in t2
+        and "| 0.25 | 200 | 40 |" in t2
+    )
     # killed half way: the chunks on disk are kept and only the missing ones are computed
     parts = one / "parts"
     for c in (1, 4):
