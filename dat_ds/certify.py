@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .smoothing import ABSTAIN, certify_counts, predict_counts, sample_counts
+from .smoothing import ABSTAIN, certify_counts, inference_model, predict_counts, sample_counts
 
 RADII = [round(0.05 * i, 2) for i in range(21)]  # 0, 0.05, ..., 1.0
 COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
@@ -99,6 +99,7 @@ def run_certification(a) -> dict | None:
     )
     path = a.model or a.run_dir / "model.safetensors"
     model, meta = load_exported(path, device)
+    model = inference_model(model)  # BN folded, channels-last: the same classifier, counted faster
     cfg = json.loads(meta["config"])
     index = load_index(cfg["data"]["shards"])
     num_classes = int(meta["num_classes"])
