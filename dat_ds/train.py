@@ -7,9 +7,11 @@
 
 Per step, in data-flow order: batch (labeled, plus a pseudo-labelled share with [unlabeled]) -> objective
 (dat_ds/objectives.py: attack on engine.module, input gradients only, then the loss: DAT's lambda*CE(clean) +
-CE(adv), or TRADES) -> engine.backward -> engine.step (the accumulation boundary reduces the gradients once
+CE(adv), TRADES, or Gaussian-noise / SmoothAdv training) -> engine.backward -> engine.step (the accumulation boundary reduces the gradients once
 through dat_ds.comm, clips, applies the optimizer) -> running metrics. Per epoch: BatchNorm buffers averaged
-across ranks -> TA/RA on the test split -> metrics.jsonl + wandb -> checkpoint.
+across ranks -> TA/RA on the test split -> metrics.jsonl + wandb -> checkpoint. ``run`` is that sequence of
+phases (start_rank, build_engine, restore, open_outputs, then per epoch train_epoch, epoch_record, evaluate_epoch,
+close_epoch, and finish), each a function of the rank's ``Session``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -197,18 +200,86 @@ def _seed_everything(seed: int, rank: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+@dataclass
+class Session:
+    """What one rank holds for the whole run; the phases of ``run`` read and advance it."""
+
+    cfg: RunConfig
+    plan: Plan
+    rank: int
+    world: int
+    engine: Any = None
+    reducer: Any = None
+    ckpt: Any = None
+    tracker: Any = None
+    eval_loader: Any = None
+    state: TrainState = field(default_factory=TrainState)
+    resumed_from: str | None = None
+    # Bytes per step, measured: gloo's socket writes (x2: in both topologies each rank receives what it sends),
+    # or under NCCL the sizes of the buffers the ps transport posted; an NCCL ring moves bytes nothing here sees.
+    bytes_source: str = "none"
+    comm_mark: Any = None  # reducer counters when this epoch (or its resumed part) began
+    reduce_mark: Any = None  # the same, for the exactly-once check of this process's steps
+    resumed_steps: int = 0  # steps of the current epoch done before this process started it
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.data.image_size or self.plan.index.image_size
+
+    @property
+    def pin(self) -> bool:
+        return self.engine.device.type == "cuda"
+
+    def epoch_comm(self) -> tuple[float, int]:
+        """Communication seconds and bytes of the current epoch so far (across a resume)."""
+        d = self.reducer.stats.since(self.comm_mark)
+        moved = 2 * d.wire_sent if self.bytes_source == "wire" else d.bytes_sent + d.bytes_recv
+        return self.state.comm_seconds + d.seconds, self.state.comm_bytes + (
+            moved if self.bytes_source != "none" else 0
+        )
+
+    def save(self, tag: str) -> None:
+        from timm.utils import distribute_bn
+
+        distribute_bn(
+            self.engine.module, self.world, reduce=True
+        )  # DeepSpeed never syncs BN buffers; rank 0's are saved
+        rank_state = self.state.rank_state()
+        rank_state["timers"][:2] = torch.tensor(self.epoch_comm(), dtype=torch.float64)
+        rank_state["reducer"] = self.reducer.state_dict()  # error-feedback residuals, rounding generator
+        self.ckpt.save(self.engine, tag, self.state.client_state(self.cfg), rank_state)
+
+    def mark_epoch_start(self) -> None:
+        self.comm_mark = self.reducer.stats.snapshot()
+        self.reduce_mark = self.reducer.stats.snapshot()
+        self.resumed_steps = self.state.step_in_epoch
+
+
 def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
-    import deepspeed
+    """The run, phase by phase; each phase is a function below."""
+    s = start_rank(cfg, plan)  # launcher guard, process group, logging, seeds, run folder
+    build_engine(s)  # model, optimizer, schedule, DeepSpeed engine, the gradient seam of dat_ds.comm
+    restore(s, resume)  # the checkpoint rank 0 chose, if any: weights, optimizer, RNG, data position, reducer
+    open_outputs(s)  # metrics.jsonl + wandb on rank 0, the test-split loader
+    last: dict = {}
+    s.mark_epoch_start()
+    while s.state.epoch < cfg.train.epochs:
+        train_epoch(
+            s
+        )  # micro-batches -> objective -> backward -> step, progress lines, mid-epoch checkpoints
+        record = epoch_record(s)  # sums over ranks, C, T, bytes, the exactly-once check
+        record.update(evaluate_epoch(s))  # TA / RA on the test split, when due
+        close_epoch(s, record)  # log, metrics.jsonl + wandb, the next epoch's state, the checkpoint
+        last = record
+    finish(s, last)  # safetensors export, summary, barrier
+    return last
+
+
+def start_rank(cfg: RunConfig, plan: Plan) -> Session:
     import torch.distributed as dist
 
-    from .checkpoint import Checkpointer, secure_checkpoint_engine, set_rng_state
-    from .comm import engine_seam
-    from .comm.transport import GradientReducer
     from .engine import init_distributed, rank_addresses, set_cpu_threads
-    from .export import export_safetensors
     from .launch_guard import guard
-    from .optim import build_optimizer, build_schedule
-    from .tracking import NullTracker, Tracker, wandb_mode
 
     guard()  # stop when the deepspeed/torchrun command the user started is gone
     init_distributed(cfg.train.collective_timeout_s)
@@ -223,27 +294,37 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     _setup_logging(rank)
     _seed_everything(cfg.train.seed, rank, cfg.train.deterministic)
     set_cpu_threads()
-    run_dir = cfg.run_dir
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    return Session(cfg, plan, rank, world)
 
-    index = plan.index
+
+def build_engine(s: Session) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    from .checkpoint import Checkpointer, secure_checkpoint_engine
+    from .comm import engine_seam
+    from .comm.transport import GradientReducer
+    from .optim import build_optimizer, build_schedule
+
+    cfg, index = s.cfg, s.plan.index
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DeepSpeed also broadcasts them)
     model = build_model(cfg.model, index.num_classes, index.channels, index.mean, index.std)
-    torch.manual_seed(cfg.train.seed + rank)
+    torch.manual_seed(cfg.train.seed + s.rank)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim, cfg.train.global_batch_size)
-    schedule = build_schedule(optimizer, cfg.optim, plan.steps_per_epoch, cfg.train.epochs)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=plan.ds_config
+    schedule = build_schedule(optimizer, cfg.optim, s.plan.steps_per_epoch, cfg.train.epochs)
+    s.engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=s.plan.ds_config
     )
-    secure_checkpoint_engine(engine)  # DeepSpeed's own loader would unpickle with weights_only=False
-    if engine.bfloat16_enabled() or engine.fp16_enabled():
-        keep_fp32_layers(engine.module)  # the attack's delta reaches the network intact; norms match
+    secure_checkpoint_engine(s.engine)  # DeepSpeed's own loader would unpickle with weights_only=False
+    if s.engine.bfloat16_enabled() or s.engine.fp16_enabled():
+        keep_fp32_layers(s.engine.module)  # the attack's delta reaches the network intact; norms match
     c = cfg.comm
-    reducer = GradientReducer(
+    s.reducer = GradientReducer(
         bits=c.bits,
         two_sided=c.two_sided,
         topology=c.topology,
@@ -253,219 +334,223 @@ def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
         bucket_mb=c.bucket_mb,
         seed=cfg.train.seed,
     )
-    engine_seam.install(engine, reducer)
+    engine_seam.install(s.engine, s.reducer)
+    s.ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint.keep, s.rank, s.world)
+    s.bytes_source = "wire" if dist.get_backend() == "gloo" else "posted" if c.topology == "ps" else "none"
 
-    ckpt = Checkpointer(run_dir, cfg.checkpoint.keep, rank, world)
-    state = TrainState()
-    tag = resume_tag(ckpt, resume, rank, engine.device)
-    if resume == "auto" and tag is None and rank == 0:
-        log.info("--resume auto: no complete checkpoint in %s, starting fresh", ckpt.dir)
-    if tag is not None:
-        client, rank_state = ckpt.load(engine, tag)
-        state = TrainState(
-            epoch=client["epoch"],
-            step_in_epoch=client["step_in_epoch"],
-            global_step=client["global_step"],
-            sums=torch.cat(
-                [rank_state["sums"], torch.zeros(SUMS - len(rank_state["sums"]), dtype=torch.float64)]
-            ),
+
+def restore(s: Session, resume: str) -> None:
+    from .checkpoint import set_rng_state
+
+    tag = resume_tag(s.ckpt, resume, s.rank, s.engine.device)
+    if resume == "auto" and tag is None and s.rank == 0:
+        log.info("--resume auto: no complete checkpoint in %s, starting fresh", s.ckpt.dir)
+    if tag is None:
+        return
+    client, rank_state = s.ckpt.load(s.engine, tag)
+    sums = rank_state["sums"]
+    s.state = TrainState(
+        epoch=client["epoch"],
+        step_in_epoch=client["step_in_epoch"],
+        global_step=client["global_step"],
+        sums=torch.cat(
+            [sums, torch.zeros(SUMS - len(sums), dtype=torch.float64)]
+        ),  # older checkpoints: 4 sums
+    )
+    s.state.comm_seconds, comm_bytes, s.state.train_seconds = rank_state["timers"].tolist()
+    s.state.comm_bytes = int(comm_bytes)
+    set_rng_state(rank_state["rng"])
+    s.reducer.load_state_dict(rank_state.get("reducer", {}))
+    s.resumed_from = tag
+    if s.rank == 0:
+        log.info(
+            "resumed from %s: epoch %d, step %d", s.ckpt.dir / tag, s.state.epoch + 1, s.state.step_in_epoch
         )
-        state.comm_seconds, comm_bytes, state.train_seconds = rank_state["timers"].tolist()
-        state.comm_bytes = int(comm_bytes)
-        set_rng_state(rank_state["rng"])
-        reducer.load_state_dict(rank_state.get("reducer", {}))
-        if rank == 0:
-            log.info(
-                "resumed from %s: epoch %d, step %d", ckpt.dir / tag, state.epoch + 1, state.step_in_epoch
-            )
 
-    tracker = (
+
+def open_outputs(s: Session) -> None:
+    from .tracking import NullTracker, Tracker, wandb_mode
+
+    cfg = s.cfg
+    s.tracker = (
         Tracker(
-            run_dir,
+            cfg.run_dir,
             cfg.to_dict(),
             mode=wandb_mode(cfg.log.wandb_mode),
             project=cfg.log.project,
             group=cfg.log.group,
             name=cfg.name,
-            epochs_done=state.epoch if tag else None,
+            epochs_done=s.state.epoch if s.resumed_from else None,
         )
-        if rank == 0
+        if s.rank == 0
         else NullTracker()
     )
-    pin = engine.device.type == "cuda"
-    image_size = cfg.data.image_size or index.image_size
-    eval_loader = make_eval_loader(
-        index,
+    s.eval_loader = make_eval_loader(
+        s.plan.index,
         "test",
-        rank=rank,
-        world=world,
+        rank=s.rank,
+        world=s.world,
         augment=cfg.data.augment,
-        image_size=image_size,
+        image_size=s.image_size,
         batch_size=cfg.eval.batch_size,
         limit=cfg.data.eval_limit,
         workers=cfg.data.workers,
-        pin_memory=pin,
+        pin_memory=s.pin,
     )
-    log_every = cfg.train.log_every or max(1, plan.steps_per_epoch // 10)
-    if rank == 0:
+    if s.rank == 0:
         log.info(
             "world %d | global batch %d = %d micro x %d ranks x %d accum | %d steps/epoch | %s",
-            world,
+            s.world,
             cfg.train.global_batch_size,
             cfg.train.micro_batch_size,
-            world,
-            plan.grad_accum,
-            plan.steps_per_epoch,
-            run_dir,
+            s.world,
+            s.plan.grad_accum,
+            s.plan.steps_per_epoch,
+            cfg.run_dir,
         )
 
-    comm_mark = reducer.stats.snapshot()  # reducer counters when this epoch (or the resumed part) began
-    reduce_mark = reducer.stats.snapshot()  # for the exactly-once check, per epoch of this process
 
-    # Bytes per step, measured: gloo's socket writes (x2: in both topologies each rank receives what it sends),
-    # or under NCCL the sizes of the buffers the ps transport posted; an NCCL ring moves bytes nothing here sees.
-    bytes_source = (
-        "wire" if dist.get_backend() == "gloo" else "posted" if cfg.comm.topology == "ps" else "none"
-    )
-
-    def epoch_comm() -> tuple[float, int]:
-        d = reducer.stats.since(comm_mark)
-        moved = 2 * d.wire_sent if bytes_source == "wire" else d.bytes_sent + d.bytes_recv
-        return state.comm_seconds + d.seconds, state.comm_bytes + (moved if bytes_source != "none" else 0)
-
-    def save(tag_name: str) -> None:
-        from timm.utils import distribute_bn
-
-        distribute_bn(
-            engine.module, world, reduce=True
-        )  # DeepSpeed never syncs BN buffers; rank 0's are saved
-        rank_state = state.rank_state()
-        rank_state["timers"][:2] = torch.tensor(epoch_comm(), dtype=torch.float64)
-        rank_state["reducer"] = reducer.state_dict()  # error-feedback residuals, rounding generator
-        ckpt.save(engine, tag_name, state.client_state(cfg), rank_state)
-
-    last_record: dict = {}
-    while state.epoch < cfg.train.epochs:
-        epoch = state.epoch
-        state.sums = state.sums.to(engine.device)  # no-op on CPU; on CUDA, dist.all_reduce needs it there
-        engine.train()
-        resumed_steps = state.step_in_epoch
-        t_seg = time.perf_counter()
-        micro = state.step_in_epoch * plan.grad_accum
-        for batch in train_batches(cfg, plan, epoch, state.step_in_epoch, rank, image_size, pin):
-            train_step(engine, batch, cfg, state)
-            micro += 1
-            if micro % plan.grad_accum:
-                continue
-            state.step_in_epoch += 1
-            state.global_step += 1
-            if rank == 0 and (
-                state.step_in_epoch % log_every == 0 or state.step_in_epoch == plan.steps_per_epoch
-            ):
-                s = state.sums.tolist()
-                n = max(s[1] + s[5], 1)
-                log.info(
-                    "epoch %d/%d step %d/%d | loss %.4f | adv acc %.3f | lr %.4g",
-                    epoch + 1,
-                    cfg.train.epochs,
-                    state.step_in_epoch,
-                    plan.steps_per_epoch,
-                    (s[0] + s[4]) / n,
-                    (s[2] + s[6]) / n,
-                    engine.get_lr()[0],
-                )
-            every = cfg.checkpoint.every_steps
-            if every and state.global_step % every == 0 and state.step_in_epoch < plan.steps_per_epoch:
-                state.train_seconds += time.perf_counter() - t_seg
-                save(f"step{state.global_step:08d}")
-                t_seg = time.perf_counter()
-        state.train_seconds += time.perf_counter() - t_seg
-        assert micro == plan.steps_per_epoch * plan.grad_accum, (
-            "every rank runs the same number of micro-batches"
-        )
-
-        from timm.utils import distribute_bn
-
-        distribute_bn(engine.module, world, reduce=True)  # BN buffers agree before evaluation and saving
-        sums = state.sums.clone()
-        dist.all_reduce(sums)  # loss and adversarial accuracy over all ranks
-        comm_s, comm_b = epoch_comm()
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": (sums[0] + sums[4]).item() / (sums[1] + sums[5]).item(),
-            "train_adv_acc": (sums[2] + sums[6]).item() / (sums[1] + sums[5]).item(),
-            "lr": engine.get_lr()[0],
-            "epoch_time_s": state.train_seconds,
-            "comm_time_s": comm_s,
-            "images_per_s": (sums[1] + sums[5]).item() / max(state.train_seconds, 1e-9),
-            "bad_samples_skipped": int(sums[3].item()),
-            "data_mb_per_iter": comm_b / plan.steps_per_epoch / 1e6 if bytes_source != "none" else None,
-            "data_mb_source": bytes_source,
-            "data_mb_per_iter_theory": reducer.theory_bytes(
-                sum(p.numel() for p in engine.module.parameters()), world
-            )
-            / 1e6,
-            "steps": state.global_step,
-            "world_size": world,
-        }
-        if plan.unlabeled is not None:  # per source: the labeled set and the pseudo-labelled one
-            for src, at in (("labeled", 0), ("pseudo", 4)):
-                record[f"train_loss_{src}"] = sums[at].item() / max(sums[at + 1].item(), 1)
-                record[f"train_adv_acc_{src}"] = sums[at + 2].item() / max(sums[at + 1].item(), 1)
-                record[f"train_samples_{src}"] = int(sums[at + 1].item())
-        d = reducer.stats.since(reduce_mark)
-        steps_here = plan.steps_per_epoch - resumed_steps
-        record["grad_values_reduced_per_step"] = d.numel / max(steps_here, 1)
-        record["reduce_calls_per_step"] = d.calls / max(steps_here, 1)
-        record["replicas_identical"] = replicas_identical(engine.module)
-        trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
-        if record["grad_values_reduced_per_step"] != trainable:
-            raise RuntimeError(
-                f"epoch {epoch + 1}: {record['grad_values_reduced_per_step']:.0f} gradient values were reduced per "
-                f"step, the model has {trainable}: a DeepSpeed change moved the gradient seam "
-                "(dat_ds/comm/engine_seam.py); every gradient must be reduced exactly once"
-            )
-        if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
-            t0 = time.perf_counter()
-            e = cfg.attack.eps
-            counts = evaluate(
-                engine.module,
-                eval_loader,
-                eps=e,
-                steps=cfg.eval.pgd_steps,
-                step_size=cfg.eval.pgd_step_size or 2.5 * e / cfg.eval.pgd_steps,
-                restarts=cfg.eval.pgd_restarts,
-                device=engine.device,
-                channels_last=cfg.model.channels_last,
-                seed=cfg.train.seed * 1000 + rank,
-            )
-            record["clean_acc"], record["pgd_acc"] = counts.acc()
-            record["eval_n"] = counts.n
-            record["eval_time_s"] = time.perf_counter() - t0
-        if rank == 0:
+def train_epoch(s: Session) -> None:
+    cfg, plan, state = s.cfg, s.plan, s.state
+    log_every = cfg.train.log_every or max(1, plan.steps_per_epoch // 10)
+    state.sums = state.sums.to(s.engine.device)  # no-op on CPU; on CUDA, dist.all_reduce needs it there
+    s.engine.train()
+    t_seg = time.perf_counter()
+    micro = state.step_in_epoch * plan.grad_accum
+    for batch in train_batches(cfg, plan, state.epoch, state.step_in_epoch, s.rank, s.image_size, s.pin):
+        train_step(s.engine, batch, cfg, state)
+        micro += 1
+        if micro % plan.grad_accum:
+            continue
+        state.step_in_epoch += 1
+        state.global_step += 1
+        if s.rank == 0 and (
+            state.step_in_epoch % log_every == 0 or state.step_in_epoch == plan.steps_per_epoch
+        ):
+            v = state.sums.tolist()
+            n = max(v[1] + v[5], 1)
             log.info(
-                "epoch %d | %s",
-                epoch + 1,
-                " ".join(
-                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in record.items()
-                    if k != "epoch"
-                ),
+                "epoch %d/%d step %d/%d | loss %.4f | adv acc %.3f | lr %.4g",
+                state.epoch + 1,
+                cfg.train.epochs,
+                state.step_in_epoch,
+                plan.steps_per_epoch,
+                (v[0] + v[4]) / n,
+                (v[2] + v[6]) / n,
+                s.engine.get_lr()[0],
             )
-        tracker.log_epoch(record)
-        last_record = record
-        state = TrainState(epoch=epoch + 1, global_step=state.global_step)
-        comm_mark = reducer.stats.snapshot()
-        reduce_mark = reducer.stats.snapshot()
-        if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
-            save(f"epoch{epoch + 1:04d}")
+        every = cfg.checkpoint.every_steps
+        if every and state.global_step % every == 0 and state.step_in_epoch < plan.steps_per_epoch:
+            state.train_seconds += time.perf_counter() - t_seg
+            s.save(f"step{state.global_step:08d}")
+            t_seg = time.perf_counter()
+    state.train_seconds += time.perf_counter() - t_seg
+    assert micro == plan.steps_per_epoch * plan.grad_accum, "every rank runs the same number of micro-batches"
 
-    if rank == 0:
-        export_safetensors(engine.module, cfg, index, run_dir / "model.safetensors")
-        tracker.log_summary({k: v for k, v in last_record.items() if isinstance(v, int | float)})
-    tracker.finish()
+
+def epoch_record(s: Session) -> dict:
+    import torch.distributed as dist
+    from timm.utils import distribute_bn
+
+    plan, state, engine = s.plan, s.state, s.engine
+    distribute_bn(engine.module, s.world, reduce=True)  # BN buffers agree before evaluation and saving
+    sums = state.sums.clone()
+    dist.all_reduce(sums)  # loss and adversarial accuracy over all ranks
+    comm_s, comm_b = s.epoch_comm()
+    n = (sums[1] + sums[5]).item()
+    record = {
+        "epoch": state.epoch + 1,
+        "train_loss": (sums[0] + sums[4]).item() / n,
+        "train_adv_acc": (sums[2] + sums[6]).item() / n,
+        "lr": engine.get_lr()[0],
+        "epoch_time_s": state.train_seconds,
+        "comm_time_s": comm_s,
+        "images_per_s": n / max(state.train_seconds, 1e-9),
+        "bad_samples_skipped": int(sums[3].item()),
+        "data_mb_per_iter": comm_b / plan.steps_per_epoch / 1e6 if s.bytes_source != "none" else None,
+        "data_mb_source": s.bytes_source,
+        "data_mb_per_iter_theory": s.reducer.theory_bytes(
+            sum(p.numel() for p in engine.module.parameters()), s.world
+        )
+        / 1e6,
+        "steps": state.global_step,
+        "world_size": s.world,
+    }
+    if plan.unlabeled is not None:  # per source: the labeled set and the pseudo-labelled one
+        for src, at in (("labeled", 0), ("pseudo", 4)):
+            record[f"train_loss_{src}"] = sums[at].item() / max(sums[at + 1].item(), 1)
+            record[f"train_adv_acc_{src}"] = sums[at + 2].item() / max(sums[at + 1].item(), 1)
+            record[f"train_samples_{src}"] = int(sums[at + 1].item())
+    d = s.reducer.stats.since(s.reduce_mark)
+    steps_here = plan.steps_per_epoch - s.resumed_steps
+    record["grad_values_reduced_per_step"] = d.numel / max(steps_here, 1)
+    record["reduce_calls_per_step"] = d.calls / max(steps_here, 1)
+    record["replicas_identical"] = replicas_identical(engine.module)
+    trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    if record["grad_values_reduced_per_step"] != trainable:
+        raise RuntimeError(
+            f"epoch {state.epoch + 1}: {record['grad_values_reduced_per_step']:.0f} gradient values were reduced per "
+            f"step, the model has {trainable}: a DeepSpeed change moved the gradient seam "
+            "(dat_ds/comm/engine_seam.py); every gradient must be reduced exactly once"
+        )
+    return record
+
+
+def evaluate_epoch(s: Session) -> dict:
+    cfg, epoch = s.cfg, s.state.epoch
+    if (epoch + 1) % cfg.eval.every_epochs and epoch + 1 != cfg.train.epochs:
+        return {}
+    t0 = time.perf_counter()
+    e = cfg.attack.eps
+    counts = evaluate(
+        s.engine.module,
+        s.eval_loader,
+        eps=e,
+        steps=cfg.eval.pgd_steps,
+        step_size=cfg.eval.pgd_step_size or 2.5 * e / cfg.eval.pgd_steps,
+        restarts=cfg.eval.pgd_restarts,
+        device=s.engine.device,
+        channels_last=cfg.model.channels_last,
+        seed=cfg.train.seed * 1000 + s.rank,
+    )
+    clean, pgd_acc = counts.acc()
+    return {
+        "clean_acc": clean,
+        "pgd_acc": pgd_acc,
+        "eval_n": counts.n,
+        "eval_time_s": time.perf_counter() - t0,
+    }
+
+
+def close_epoch(s: Session, record: dict) -> None:
+    cfg, epoch = s.cfg, s.state.epoch
+    if s.rank == 0:
+        log.info(
+            "epoch %d | %s",
+            epoch + 1,
+            " ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in record.items()
+                if k != "epoch"
+            ),
+        )
+    s.tracker.log_epoch(record)
+    s.state = TrainState(epoch=epoch + 1, global_step=s.state.global_step)
+    s.mark_epoch_start()
+    if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
+        s.save(f"epoch{epoch + 1:04d}")
+
+
+def finish(s: Session, last: dict) -> None:
+    import torch.distributed as dist
+
+    from .export import export_safetensors
+
+    if s.rank == 0:
+        export_safetensors(s.engine.module, s.cfg, s.plan.index, s.cfg.run_dir / "model.safetensors")
+        s.tracker.log_summary({k: v for k, v in last.items() if isinstance(v, int | float)})
+    s.tracker.finish()
     dist.barrier()
-    return last_record
 
 
 def train_batches(
