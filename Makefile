@@ -12,7 +12,7 @@ NPROC ?= 2
 # check is left to `python -m dat_ds.evaluate` runs, it would double the demo's evaluation time.
 DEMO_EVAL ?= --chunk 180 --no-square-check --eps-sweep 0.1,0.3
 
-.PHONY: setup demo test test-fast test-cluster lint bench clean study-semisup
+.PHONY: setup demo test test-fast test-cluster lint bench clean study-semisup study-smoothing
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ data/mnist_l100/index.json: data/mnist/index.json
 # The semi-supervised study (docs/semisup_mnist.md): every stage, resumable.
 study-semisup: data/mnist_l100/index.json
 	$(PY) -m bench.semisup_mnist
+
+# The certified-robustness study (docs/smoothing_mnist.md) and the certification speed bench.
+study-smoothing: data/mnist/index.json
+	$(PY) -m bench.smoothing_mnist
+	$(PY) -m bench.certify_speed
 
 # The demo: DAT-PGD with 2 ranks through the deepspeed launcher, a standard-trained model on the same split,
 # both evaluated with PGD-50x5 and AutoAttack through 2 ranks, and the results table. Re-running it starts the demo runs afresh (runs/demo/ is the demo's own folder).

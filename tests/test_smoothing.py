@@ -198,18 +198,19 @@ def test_certification_is_the_same_on_one_and_two_ranks_and_resumes(tmp_path, la
 
 
 @pytest.mark.launcher
-@pytest.mark.parametrize("objective", ["gaussian", "smoothadv"])
-def test_smoothing_objectives_train_under_dat_with_4bit_and_lalr(tmp_path, digits_dir, objective):
+def test_smoothadv_trains_under_dat_with_4bit_and_lalr(tmp_path, digits_dir):
     """Like any objective: 2 ranks, 4-bit 2-sided aggregation with error feedback, LALR; every gradient reduced
-    once per step and the replicas identical."""
+    once per step and the replicas identical. (SmoothAdv runs the Gaussian objective's loss on attacked inputs, so
+    it covers both paths through the engine.)"""
+    objective = "smoothadv"
     from tests.conftest import read_metrics, run_launcher
 
     ov = [
         f'data.shards="{digits_dir}"', f'out_dir="{tmp_path}"', f'name="{objective}"', f'loss.objective="{objective}"',
         "smoothing.noise_samples=4", "smoothing.attack_steps=2", "train.epochs=2", 'optim.name="lalr"',
-        "optim.lr=0.01", 'comm.topology="ps"', "comm.bits=4", "comm.two_sided=true", "comm.error_feedback=true",
+        "optim.lr=0.01", "eval.pgd_steps=2", 'comm.topology="ps"', "comm.bits=4", "comm.two_sided=true", "comm.error_feedback=true",
     ]  # fmt: skip
-    r = run_launcher(tmp_path, "digits_standard.toml", ov, port=29691 if objective == "gaussian" else 29692)
+    r = run_launcher(tmp_path, "digits_standard.toml", ov, port=29691)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     recs = read_metrics(tmp_path / objective)
     assert [x["epoch"] for x in recs] == [1, 2]
