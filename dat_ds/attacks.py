@@ -132,15 +132,15 @@ def smooth_adv_l2(
     """SmoothAdv's attack (Salman et al. 2019): l2 PGD on the soft smoothed classifier, -log of the mean softmax
     over the m noisy copies ``x + noise`` (``noise``: (m * B, ...), copy j of example i at row i * m + j, fixed over
     the steps), step 2 * eps / steps along the normalized gradient, projected to the l2 ball and to [0,1]."""
+    from .smoothing import smoothed_log_prob
+
     x = x.detach().float()
     m = len(noise) // len(x)
     step = 2 * eps / steps
     delta = torch.zeros_like(x)
     for _ in range(steps):
         delta.requires_grad_(True)
-        noisy = (x + delta).repeat_interleave(m, dim=0) + noise
-        p = F.softmax(model(noisy).float(), 1).view(len(x), m, -1).mean(1)
-        loss = F.nll_loss(p.clamp_min(1e-12).log(), y)
+        loss = F.nll_loss(smoothed_log_prob(model, (x + delta).repeat_interleave(m, dim=0) + noise, m), y)
         (g,) = torch.autograd.grad(loss, [delta])
         g_norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
         delta = delta.detach() + step * g / g_norm

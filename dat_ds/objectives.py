@@ -29,6 +29,7 @@ from torch import nn
 
 from .attacks import _kl_to, bn_mode, fgsm, pgd, smooth_adv_l2, trades_attack
 from .config import RunConfig
+from .smoothing import noisy_copies
 
 
 @dataclass
@@ -97,9 +98,7 @@ def gaussian(
 ) -> LossOut:
     s = cfg.smoothing
     valid = (y >= 0).float()
-    noisy = x.repeat_interleave(s.noise_samples, dim=0)
-    noisy = noisy + s.sigma * torch.randn_like(noisy)
-    return _noisy_ce(forward, noisy, y, s.noise_samples, valid)
+    return _noisy_ce(forward, noisy_copies(x, s.sigma, s.noise_samples), y, s.noise_samples, valid)
 
 
 def smoothadv(

@@ -46,10 +46,12 @@ def inference_model(model: nn.Module) -> nn.Module:
 def noisy_copies(
     x: torch.Tensor, sigma: float, n: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """(n * B, ...) with copy j of example i at row i * n + j: x_i + sigma * e_ij."""
+    """(n * B, ...) with copy j of example i at row i * n + j: x_i + sigma * e_ij. Noise from ``generator`` (a CPU
+    generator, so that results do not depend on the device) or, without one, the device's default generator."""
     rep = x.repeat_interleave(n, dim=0)
-    noise = torch.randn(rep.shape, generator=generator, device="cpu", dtype=torch.float32).to(rep.device)
-    return rep + sigma * noise
+    if generator is None:
+        return rep + sigma * torch.randn_like(rep)
+    return rep + sigma * torch.randn(rep.shape, generator=generator, dtype=torch.float32).to(rep.device)
 
 
 @torch.inference_mode()
