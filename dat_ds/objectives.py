@@ -56,14 +56,18 @@ def dat(forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     valid = (y >= 0).float()
     if cfg.attack.method == "none":
         logits = forward(x).float()
-        per = F.cross_entropy(logits, y, reduction="none")
-    else:
-        x_adv = ce_attack(module, x, y, cfg)
-        logits = forward(x_adv).float()
-        per = F.cross_entropy(logits, y, reduction="none")
-        if cfg.loss.clean_weight > 0:
-            per = per + cfg.loss.clean_weight * F.cross_entropy(forward(x).float(), y, reduction="none")
-    return LossOut(_mean(per, valid), per.detach() * valid, logits.detach())
+        loss = F.cross_entropy(logits, y)  # the mean over valid labels (IGNORE is cross_entropy's ignore_index)
+        per = F.cross_entropy(logits.detach(), y, reduction="none")
+        return LossOut(loss, per * valid, logits.detach())
+    x_adv = ce_attack(module, x, y, cfg)
+    logits = forward(x_adv).float()
+    loss = F.cross_entropy(logits, y)
+    per = F.cross_entropy(logits.detach(), y, reduction="none")
+    if cfg.loss.clean_weight > 0:
+        clean = forward(x).float()
+        loss = loss + cfg.loss.clean_weight * F.cross_entropy(clean, y)
+        per = per + cfg.loss.clean_weight * F.cross_entropy(clean.detach(), y, reduction="none")
+    return LossOut(loss, per * valid, logits.detach())
 
 
 def trades(forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> LossOut:
