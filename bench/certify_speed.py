@@ -38,8 +38,8 @@ def cohen_counts(model, x: torch.Tensor, sigma: float, num: int, num_classes: in
 
 def main(argv: list[str] | None = None) -> None:
     from dat_ds.config import ModelConfig
-    from dat_ds.models import build_model
-    from dat_ds.smoothing import inference_model, sample_counts
+    from dat_ds.models import build_model, inference_model
+    from dat_ds.smoothing import sample_counts
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None)

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .smoothing import ABSTAIN, certify_counts, inference_model, predict_counts, sample_counts
+from .models import inference_model
+from .smoothing import ABSTAIN, certify_counts, predict_counts, sample_counts
 
 RADII = [round(0.05 * i, 2) for i in range(21)]  # 0, 0.05, ..., 1.0
 COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]

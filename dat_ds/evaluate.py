@@ -223,6 +223,7 @@ def run_evaluation(
 ) -> dict:
     from .data.shards import load_index
     from .export import load_exported
+    from .models import inference_model
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -233,6 +234,9 @@ def run_evaluation(
     if not path.is_file():
         raise SystemExit(f"{path} is missing: evaluate a finished run (training exports it at the end)")
     model, meta = load_exported(path, device)
+    # BatchNorm folded into the convolutions and channels-last memory: the same function up to rounding (logits
+    # within ~1e-7 on dat_mnist_cnn), 2.4x faster forwards and 1.5x faster forward+backward on this CPU.
+    model = inference_model(model)
     cfg = json.loads(meta["config"])
     index = load_index(cfg["data"]["shards"])
     total = index.split("test").count

@@ -56,7 +56,9 @@ def dat(forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     valid = (y >= 0).float()
     if cfg.attack.method == "none":
         logits = forward(x).float()
-        loss = F.cross_entropy(logits, y)  # the mean over valid labels (IGNORE is cross_entropy's ignore_index)
+        loss = F.cross_entropy(
+            logits, y
+        )  # the mean over valid labels (IGNORE is cross_entropy's ignore_index)
         per = F.cross_entropy(logits.detach(), y, reduction="none")
         return LossOut(loss, per * valid, logits.detach())
     x_adv = ce_attack(module, x, y, cfg)
