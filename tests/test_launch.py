@@ -177,7 +177,7 @@ def test_killing_the_deepspeed_command_stops_every_rank(tmp_path, digits_dir, si
 
     name = f"orphan_{sig.lower()}"
     ov = base(tmp_path, digits_dir, name, "train.epochs=50")
-    proc = start(
+    proc = subprocess.Popen(
         deepspeed_cmd("digits_dat_pgd.toml", ov, port=29661 if sig == "SIGKILL" else 29662),
         cwd=REPO,
         env=launch_env(tmp_path),
@@ -261,7 +261,7 @@ def test_supervisor_restarts_after_a_killed_rank_and_finishes(tmp_path, digits_d
         str(VENV_BIN / "python"), "-m", "dat_ds.supervise", "--max-restarts", "1", "--delay", "0", "--",
         *deepspeed_cmd("digits_dat_pgd.toml", ov, port=29641),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, tmp_path)
+    proc = start(cmd, tmp_path)
     try:
         wait_for(tmp_path / "sup" / "checkpoints" / "step00000004" / "COMPLETE", proc)
         ranks = proc_pids(lambda c: "dat_ds.train" in c and "--local_rank=1" in c and str(tmp_path) in c)
