@@ -36,3 +36,49 @@ def launch(recipe: str, name: str, out_dir: Path, overrides: list[str], nproc: i
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+class Stages:
+    """A resumable study: each stage runs once (skipped when its result exists), its wall-clock time kept in
+    ``out/times.json``, its output appended to ``out/study.log``."""
+
+    def __init__(self, out: Path):
+        out.mkdir(parents=True, exist_ok=True)
+        self.log = out / "study.log"
+        self.times_file = out / "times.json"
+        self.times: dict[str, float] = (
+            json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
+        )
+
+    def run(self, key: str, done: bool, cmd: list[str]) -> None:
+        import time
+
+        if done:
+            print(f"{key}: done already")
+            return
+        print(f"{key}: running", flush=True)
+        t0 = time.time()
+        env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"), WANDB_SILENT="true")
+        with open(self.log, "a") as f:
+            f.write(f"\n$ {' '.join(cmd)}\n")
+            f.flush()
+            r = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        if r.returncode:
+            raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}; see {self.log}")
+        self.times[key] = time.time() - t0
+        self.times_file.write_text(json.dumps(self.times, indent=1))
+        print(f"{key}: {self.times[key]:.0f} s", flush=True)
+
+
+def ds_cmd(module: str, *args: str, port: int, nproc: int = 2) -> list[str]:
+    """A deepspeed launcher command for ``module`` on this machine."""
+    return [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(port),
+        "--module",
+        module,
+        *args,
+    ]

@@ -21,36 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from bench.runs import BIN, REPO, Stages, ds_cmd
+
 REFERENCE = "mnist_all_dat_pgd"
 RUNS = [
     ("mnist_l100_dat_pgd", "labeled only (1,000 labels)"),
     ("mnist_semisup_dat_pgd", "semi-supervised (1,000 labels + 59,000 pseudo-labelled)"),
     ("mnist_all_dat_pgd", "all 60,000 labels (reference)"),
 ]
-
-
-def sh(cmd: list[str], log: Path) -> float:
-    t0 = time.time()
-    env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"), WANDB_SILENT="true")
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        r = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}; see {log}")
-    return time.time() - t0
-
-
-def ds(module: str, *args: str, port: int) -> list[str]:
-    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", module, *args]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,19 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         help="AutoAttack for the all-labels reference too (about an hour more on 2 CPU cores)",
     )
     a = p.parse_args(argv)
-    a.out.mkdir(parents=True, exist_ok=True)
-    log = a.out / "study.log"
-    times_file = a.out / "times.json"
-    times = json.loads(times_file.read_text()) if times_file.is_file() else {}
-
-    def stage(key: str, done: bool, cmd: list[str]) -> None:
-        if done:
-            print(f"{key}: done already")
-            return
-        print(f"{key}: running", flush=True)
-        times[key] = sh(cmd, log)
-        times_file.write_text(json.dumps(times, indent=1))
-        print(f"{key}: {times[key]:.0f} s", flush=True)
+    study = Stages(a.out)
+    stage, times = study.run, study.times
 
     py = str(BIN / "python")
     data = REPO / "data"
@@ -96,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     stage(
         "train_pseudo_labeller",
         (std / "model.safetensors").is_file(),
-        ds(
+        ds_cmd(
             "dat_ds.train",
             str(REPO / "recipes/mnist_l100_standard.toml"),
             "--set",
@@ -109,13 +79,15 @@ def main(argv: list[str] | None = None) -> None:
     stage(
         "pseudo_label",
         (data / "mnist_pseudo/index.json").is_file(),
-        ds("dat_ds.pseudo_label", str(std), str(data / "mnist_u"), str(data / "mnist_pseudo"), port=29802),
+        ds_cmd(
+            "dat_ds.pseudo_label", str(std), str(data / "mnist_u"), str(data / "mnist_pseudo"), port=29802
+        ),
     )
     for i, (name, _) in enumerate(RUNS):
         stage(
             f"train_{name}",
             (a.out / name / "model.safetensors").is_file(),
-            ds(
+            ds_cmd(
                 "dat_ds.train",
                 str(REPO / f"recipes/{name}.toml"),
                 "--set",
@@ -128,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         stage(
             f"eval_{name}",
             (a.out / name / "eval.json").is_file(),
-            ds("dat_ds.evaluate", str(a.out / name), "--subset", str(a.eval_n), "--seed", "0",
+            ds_cmd("dat_ds.evaluate", str(a.out / name), "--subset", str(a.eval_n), "--seed", "0",
                "--chunk", str(a.eval_n // 2), "--no-square-check",
                *(["--no-autoattack"] if name == REFERENCE and not a.reference_autoattack else []), port=29820 + i),
         )  # fmt: skip

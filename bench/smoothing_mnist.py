@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.semisup_mnist import BIN, REPO, ds, sh
+from bench.runs import BIN, REPO, Stages, ds_cmd
 
 RUNS = [(sigma, n) for sigma in (0.12, 0.25) for n in (2, 20)]
 
@@ -33,38 +33,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--certify-n", type=int, default=1000)
     p.add_argument("--subset", type=int, default=500)
     a = p.parse_args(argv)
-    a.out.mkdir(parents=True, exist_ok=True)
-    log = a.out / "study.log"
-    times_file = a.out / "times.json"
-    times = json.loads(times_file.read_text()) if times_file.is_file() else {}
+    study = Stages(a.out)
     if not (REPO / "data/mnist/index.json").is_file():
-        sh([str(BIN / "python"), "-m", "data_prep.mnist", str(REPO / "data/mnist")], log)
+        study.run(
+            "data_mnist", False, [str(BIN / "python"), "-m", "data_prep.mnist", str(REPO / "data/mnist")]
+        )
     for i, (sigma, n) in enumerate(RUNS):
         name = run_name(sigma, n)
         run = a.out / name
         steps = {
             f"train_{name}": (
                 (run / "model.safetensors").is_file(),
-                ds("dat_ds.train", str(REPO / "recipes/mnist_smooth_gaussian.toml"), "--set", f'out_dir="{a.out}"',
+                ds_cmd("dat_ds.train", str(REPO / "recipes/mnist_smooth_gaussian.toml"), "--set", f'out_dir="{a.out}"',
                    "--set", f'name="{name}"', "--set", f"smoothing.sigma={sigma}", "--set",
                    f"smoothing.noise_samples={n}", "--resume", "auto", port=29850 + i),
             ),
             f"certify_{name}": (
                 bool(list(run.glob("certify/*/certify.json"))),
-                ds("dat_ds.certify", str(run), "--sigma", str(sigma), "--N0", "100", "--N", str(a.certify_n),
+                ds_cmd("dat_ds.certify", str(run), "--sigma", str(sigma), "--N0", "100", "--N", str(a.certify_n),
                    "--alpha", "0.001", "--subset", str(a.subset), "--seed", "0", "--chunk", "25", "--batch", "2000",
                    port=29860 + i),
             ),
         }  # fmt: skip
         for key, (done, cmd) in steps.items():
-            if done:
-                print(f"{key}: done already")
-                continue
-            print(f"{key}: running", flush=True)
-            times[key] = sh(cmd, log)
-            times_file.write_text(json.dumps(times, indent=1))
-            print(f"{key}: {times[key]:.0f} s", flush=True)
-    write_report(a, times)
+            study.run(key, done, cmd)
+    write_report(a, study.times)
 
 
 def write_report(a, times: dict) -> None:
