@@ -241,15 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"dat-ds: error: {problem}", file=sys.stderr)
         return 2
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        from .engine import init_distributed
-        from .launch_guard import guard
+    from .engine import start_stage
 
-        guard()
-        init_distributed(timeout_s=24 * 3600)  # ranks wait for the slowest one's chunks: allow a day
-    from .engine import set_cpu_threads
-
-    set_cpu_threads()
+    start_stage(24 * 3600)  # hours: ranks wait for the slowest one's chunks
     report = run_certification(a)
     if report is not None:
         ca = report["certified_accuracy"]

@@ -162,3 +162,15 @@ def describe_collective_failure(err: BaseException, addresses: list[str], timeou
         f"{who} ({text[:200]}): another rank stopped, its host went down or the network was cut; see that rank's "
         "log. The newest complete checkpoint is intact: continue with --resume auto."
     )
+
+
+def start_stage(timeout_s: float) -> None:
+    """Start-up of a chunked stage (evaluation, pseudo-labelling, certification): under a launcher, watch it and
+    join the process group with a long collective timeout (ranks wait for the slowest one's chunks at the end);
+    then one share of the CPU cores per rank."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        from .launch_guard import guard
+
+        guard()  # stop when the deepspeed/torchrun command the user started is gone
+        init_distributed(timeout_s=timeout_s)
+    set_cpu_threads()

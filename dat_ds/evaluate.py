@@ -363,16 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         seed=a.seed,
     )
     sweep = [float(v) for v in a.eps_sweep.split(",") if v.strip()]
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        from .engine import init_distributed
-        from .launch_guard import guard
+    from .engine import start_stage
 
-        guard()  # stop when the deepspeed/torchrun command the user started is gone
-        # ranks wait for the slowest one's chunks at the end: allow hours, not the training's minutes
-        init_distributed(timeout_s=6 * 3600)
-    from .engine import set_cpu_threads
-
-    set_cpu_threads()
+    start_stage(6 * 3600)  # hours: ranks wait for the slowest one's chunks
     report = run_evaluation(
         a.run_dir,
         s,

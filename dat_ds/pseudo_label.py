@@ -210,15 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.force and rank == 0 and (a.out / PARTS).is_dir():
         for f in (a.out / PARTS).iterdir():
             f.unlink()
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        from .engine import init_distributed
-        from .launch_guard import guard
+    from .engine import start_stage
 
-        guard()
-        init_distributed(timeout_s=6 * 3600)  # ranks wait for the slowest one's chunks
-    from .engine import set_cpu_threads
-
-    set_cpu_threads()
+    start_stage(6 * 3600)  # hours: ranks wait for the slowest one's chunks
     summary = pseudo_label(
         a.run_dir, a.unlabeled, a.out, chunk=a.chunk, batch=a.batch, per_shard=a.per_shard, model_file=a.model
     )
