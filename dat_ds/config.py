@@ -119,6 +119,25 @@ class UnlabeledConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Where the weights start (dat_ds/init_from.py): random, or a finished run's exported model."""
+
+    init_from: str = ""  # a run folder (its model.safetensors) or a .safetensors file; "": random weights
+    input_stats: Literal["source", "data"] = (
+        "source"  # normalize inputs with the pretrained model's mean/std,
+    )
+    # or with data.shards'
+    freeze: tuple[str, ...] = ()  # fnmatch patterns of module or parameter names, e.g. ["stem*", "layers.0*"]
+    reset_head: bool = False  # start the classifier head afresh even when the class counts match
+    head_lr_scale: float = 1.0  # LR multiplier of the classifier head (timm's get_classifier()) over the body
+    bn_mode: Literal["train", "eval"] = "train"  # eval: every BatchNorm keeps the loaded running statistics
+
+    def __post_init__(self) -> None:
+        _check(self.head_lr_scale > 0, f"finetune.head_lr_scale={self.head_lr_scale} must be > 0")
+        _check(all(p.strip() for p in self.freeze), "finetune.freeze holds an empty pattern; remove it")
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     name: Literal["sgd", "lalr"] = "sgd"
     lr: float = 0.1  # at the reference batch size; see lr_scale
@@ -260,6 +279,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -170,9 +170,20 @@ def sanity_flags(acc: dict[str, float], n: int) -> list[str]:
     return flags
 
 
-def select_indices(total: int, n: int, seed: int, indices_file: Path | None) -> list[int]:
+def select_indices(
+    total: int, n: int, seed: int, indices_file: Path | None, shards: Path | None = None
+) -> list[int]:
+    """The test-split positions to evaluate: those of ``indices_file`` (integers, or file names as RobustBench
+    lists its ImageNet subset, matched by base name against the shard set's ``test.files.txt``), else a seeded
+    random subset of ``n``, else all."""
     if indices_file is not None:
-        idx = [int(t) for t in indices_file.read_text().split()]
+        if not indices_file.is_file():
+            raise SystemExit(f"--indices {indices_file} does not exist")
+        tokens = indices_file.read_text().split()
+        if all(t.lstrip("-").isdigit() for t in tokens):
+            idx = [int(t) for t in tokens]
+        else:
+            idx = _indices_of_files(tokens, indices_file, shards)
         bad = [i for i in idx if not 0 <= i < total]
         if bad:
             raise SystemExit(f"{indices_file}: indices {bad[:5]} are outside the test split (0..{total - 1})")
@@ -181,6 +192,23 @@ def select_indices(total: int, n: int, seed: int, indices_file: Path | None) -> 
         g = torch.Generator().manual_seed(seed)
         return sorted(torch.randperm(total, generator=g)[:n].tolist())
     return list(range(total))
+
+
+def _indices_of_files(names: list[str], indices_file: Path, shards: Path | None) -> list[int]:
+    listing = shards / "test.files.txt" if shards is not None else None
+    if listing is None or not listing.is_file():
+        raise SystemExit(
+            f"--indices {indices_file} names files, but the shard set has no test.files.txt to find them in; "
+            "re-run data_prep.imagenet on the tree (it skips complete shards), or pass integer indices"
+        )
+    where = {Path(line).name: i for i, line in enumerate(listing.read_text().split())}
+    missing = [nm for nm in names if Path(nm).name not in where]
+    if missing:
+        raise SystemExit(
+            f"--indices {indices_file}: {len(missing)} of {len(names)} files are not in the test split, e.g. "
+            f"{missing[:3]}"
+        )
+    return [where[Path(nm).name] for nm in names]
 
 
 def load_examples(index, wanted: list[int], mine: set[int], augment: str, image_size: int):
@@ -240,7 +268,7 @@ def run_evaluation(
     cfg = json.loads(meta["config"])
     index = load_index(cfg["data"]["shards"])
     total = index.split("test").count
-    wanted = select_indices(total, n, s.seed, indices_file)
+    wanted = select_indices(total, n, s.seed, indices_file, Path(cfg["data"]["shards"]))
     chunks = [list(range(i, min(i + chunk, len(wanted)))) for i in range(0, len(wanted), chunk)]
     my_chunks = [c for c in range(len(chunks)) if c % world == rank]
     mine = {p for c in my_chunks for p in chunks[c]}
@@ -304,7 +332,12 @@ def run_evaluation(
             "seed": s.seed,
             "chunk": chunk,
         },
-        "subset": {"n": n, "seed": s.seed, "indices_file": str(indices_file) if indices_file else None},
+        "subset": {
+            "n": n,
+            "seed": s.seed,
+            "indices_file": str(indices_file) if indices_file else None,
+            "indices": wanted if indices_file else None,
+        },
         "per_eps": {
             str(e): {k: v.float().mean().item() for k, v in r.items()} for e, r in sorted(results.items())
         },
@@ -339,7 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--subset", type=int, default=0, help="evaluate a random subset of N test examples (0: all)"
     )
-    p.add_argument("--indices", type=Path, default=None, help="file of test-split indices to evaluate")
+    p.add_argument(
+        "--indices",
+        type=Path,
+        default=None,
+        help="file of test-split indices, or of file names (RobustBench's ImageNet list), to evaluate",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=100, help="examples per chunk (the unit of work and seeding)")
     p.add_argument("--eps-sweep", default="", help="comma-separated extra radii for the accuracy-vs-eps plot")

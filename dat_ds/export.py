@@ -33,8 +33,10 @@ def export_safetensors(model: NormalizedModel, cfg: RunConfig, index: ShardIndex
         "model": cfg.model.name,
         "num_classes": str(index.num_classes),
         "in_chans": str(index.channels),
-        "mean": json.dumps(list(index.mean)),
-        "std": json.dumps(list(index.std)),
+        "mean": json.dumps(
+            model.mean.flatten().tolist()
+        ),  # the model's own (finetune.input_stats may pick the
+        "std": json.dumps(model.std.flatten().tolist()),  # pretrained model's), not necessarily data.shards'
         "config": json.dumps(cfg.to_dict()),
     }
     tmp = path.with_name(path.name + ".tmp")

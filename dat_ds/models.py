@@ -48,6 +48,18 @@ class NormalizedModel(nn.Module):
         self._body = [p for n, p in net.named_parameters() if not n.startswith(f"{first}.")][-1:]
         net.get_submodule(first).register_forward_hook(self._to_body_dtype)
 
+    bn_eval = (
+        False  # finetune.bn_mode = "eval": every BatchNorm stays in eval mode, even when the model trains
+    )
+
+    def train(self, mode: bool = True) -> NormalizedModel:
+        super().train(mode)
+        if self.bn_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
     def _to_body_dtype(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         return output.to(self._body[0].dtype) if self._body else output
 
@@ -131,6 +143,9 @@ class PreActResNet(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
         self.num_features = cin
 
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(self.layers(self.stem(x))))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
@@ -163,6 +178,9 @@ class SmallCNN(nn.Module):
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(4 * width, num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))

@@ -17,6 +17,7 @@ close_epoch, and finish), each a function of the rank's ``Session``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from .config import ConfigError, RunConfig, load_config
 from .data.loader import PairedLoader, StreamSpec, batches_per_epoch, make_eval_loader, make_train_loader
 from .data.shards import ShardError, ShardIndex, load_index
 from .evaluate import evaluate, to_input
+from .init_from import InitPlan, SourceMissing, apply_init, plan_init, read_record, write_record
 from .models import build_model, check_model_name, keep_fp32_layers
 from .objectives import OBJECTIVES
 
@@ -49,6 +51,7 @@ class Plan:
     steps_per_epoch: int
     ds_config: dict = field(repr=False)
     unlabeled: ShardIndex | None = None  # the pseudo-labelled set of [unlabeled], if any
+    init: InitPlan = field(default_factory=lambda: InitPlan(source=""))  # the starting weights ([finetune])
 
 
 def make_plan(cfg: RunConfig, world: int) -> Plan:
@@ -79,7 +82,22 @@ def make_plan(cfg: RunConfig, world: int) -> Plan:
         raise ConfigError(str(e)) from None
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
-    return Plan(cfg, index, world, accum, steps, build_ds_config(cfg, world), unlabeled)
+    return Plan(
+        cfg, index, world, accum, steps, build_ds_config(cfg, world), unlabeled, plan_start(cfg, index)
+    )
+
+
+def plan_start(cfg: RunConfig, index: ShardIndex) -> InitPlan:
+    """The starting weights, planned from shapes before any rank starts (dat_ds/init_from.py). A finetune whose
+    source has gone may still resume from its own checkpoints: it then follows the plan its run folder recorded."""
+    try:
+        return plan_init(cfg, index.num_classes, index.channels)
+    except SourceMissing:
+        ckpts = cfg.run_dir / "checkpoints"
+        record = read_record(cfg.run_dir)
+        if record is None or not (ckpts.is_dir() and any(ckpts.iterdir())):
+            raise
+        return record
 
 
 def check_unlabeled(cfg: RunConfig, index: ShardIndex, unlabeled: ShardIndex) -> None:
@@ -208,6 +226,8 @@ class Session:
     plan: Plan
     rank: int
     world: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tag: str | None = None  # the checkpoint this process resumes from (rank 0's choice), or None
     engine: Any = None
     reducer: Any = None
     ckpt: Any = None
@@ -258,8 +278,11 @@ class Session:
 def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     """The run, phase by phase; each phase is a function below."""
     s = start_rank(cfg, plan)  # launcher guard, process group, logging, seeds, run folder
-    build_engine(s)  # model, optimizer, schedule, DeepSpeed engine, the gradient seam of dat_ds.comm
-    restore(s, resume)  # the checkpoint rank 0 chose, if any: weights, optimizer, RNG, data position, reducer
+    choose_start(
+        s, resume
+    )  # rank 0 picks the checkpoint to resume, if any, and every rank checks it can see it
+    build_engine(s)  # model from its starting weights, optimizer, schedule, DeepSpeed engine, the comm seam
+    restore(s)  # the chosen checkpoint, if any: weights, optimizer, RNG, data position, reducer
     open_outputs(s)  # metrics.jsonl + wandb on rank 0, the test-split loader
     last: dict = {}
     s.mark_epoch_start()
@@ -297,25 +320,59 @@ def start_rank(cfg: RunConfig, plan: Plan) -> Session:
     if rank == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    return Session(cfg, plan, rank, world)
+    return Session(cfg, plan, rank, world, device)
+
+
+def choose_start(s: Session, resume: str) -> None:
+    from .checkpoint import Checkpointer
+
+    s.ckpt = Checkpointer(s.cfg.run_dir, s.cfg.checkpoint.keep, s.rank, s.world)
+    s.tag = resume_tag(s.ckpt, resume, s.rank, s.device)
+    if resume == "auto" and s.tag is None and s.rank == 0:
+        log.info("--resume auto: no complete checkpoint in %s, starting fresh", s.ckpt.dir)
+
+
+def build_model_for_run(s: Session) -> torch.nn.Module:
+    """The network, its input normalization, frozen parameters and BatchNorm mode; its weights random (seeded
+    alike on every rank) or, for a fresh start, [finetune]'s source. A resumed run takes them from its checkpoint."""
+    cfg, index, init = s.cfg, s.plan.index, s.plan.init
+    if s.tag is None and init.from_record:
+        raise ConfigError(
+            f"finetune.init_from={cfg.finetune.init_from} is gone and {cfg.run_dir} has no complete checkpoint to "
+            "resume: nothing to start from"
+        )
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DeepSpeed also broadcasts them)
+    model = build_model(
+        cfg.model, index.num_classes, index.channels, init.mean or index.mean, init.std or index.std
+    )
+    if s.tag is None:
+        apply_init(model.net, init)  # loads, adapts, freezes
+        if s.rank == 0 and (init.source or init.frozen):
+            log.info("%s", init.summary())
+            write_record(init, cfg.run_dir)
+    else:
+        apply_init(model.net, dataclasses.replace(init, source=""))  # freezing only
+    model.bn_eval = cfg.finetune.bn_mode == "eval"
+    torch.manual_seed(cfg.train.seed + s.rank)
+    return model
 
 
 def build_engine(s: Session) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from .checkpoint import Checkpointer, secure_checkpoint_engine
+    from .checkpoint import secure_checkpoint_engine
     from .comm import engine_seam
     from .comm.transport import GradientReducer
     from .optim import build_optimizer, build_schedule
 
-    cfg, index = s.cfg, s.plan.index
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DeepSpeed also broadcasts them)
-    model = build_model(cfg.model, index.num_classes, index.channels, index.mean, index.std)
-    torch.manual_seed(cfg.train.seed + s.rank)
+    cfg = s.cfg
+    model = build_model_for_run(s)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim, cfg.train.global_batch_size)
+    optimizer = build_optimizer(
+        model, cfg.optim, cfg.train.global_batch_size, f"net.{s.plan.init.head}", cfg.finetune.head_lr_scale
+    )
     schedule = build_schedule(optimizer, cfg.optim, s.plan.steps_per_epoch, cfg.train.epochs)
     s.engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=s.plan.ds_config
@@ -335,16 +392,13 @@ def build_engine(s: Session) -> None:
         seed=cfg.train.seed,
     )
     engine_seam.install(s.engine, s.reducer)
-    s.ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint.keep, s.rank, s.world)
     s.bytes_source = "wire" if dist.get_backend() == "gloo" else "posted" if c.topology == "ps" else "none"
 
 
-def restore(s: Session, resume: str) -> None:
+def restore(s: Session) -> None:
     from .checkpoint import set_rng_state
 
-    tag = resume_tag(s.ckpt, resume, s.rank, s.engine.device)
-    if resume == "auto" and tag is None and s.rank == 0:
-        log.info("--resume auto: no complete checkpoint in %s, starting fresh", s.ckpt.dir)
+    tag = s.tag
     if tag is None:
         return
     client, rank_state = s.ckpt.load(s.engine, tag)
@@ -682,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
             f"ok: {args.recipe} | world {world} | accumulation {plan.grad_accum} | "
             f"{plan.steps_per_epoch} steps/epoch | {plan.index.split('train').count} train samples"
         )
+        if cfg.finetune.init_from or cfg.finetune.freeze:
+            print(plan.init.summary())
         return 0
     # Rank 0 alone decides about the run folder (a shared filesystem on a cluster); if it refuses, it exits and
     # the launcher stops the other ranks.

@@ -7,7 +7,9 @@ Input: ``train/<wnid>/*.JPEG`` and either ``val/<wnid>/*.JPEG`` (the common re-f
 Training files are shuffled once (seed 0) before sharding so each shard holds a mix of classes; shards are cut at
 ``--shard-mb`` (about 1 GB: ~1,250 shards for train, enough for any cluster's ranks x workers). Each shard is
 written to a temporary name and renamed when whole, so an interrupted conversion never leaves a torn shard;
-re-running it skips shards that are already complete.
+re-running it skips shards that are already complete. ``test.files.txt`` lists the source file of every test
+(val) index, so ``dat_ds.evaluate --indices`` takes a subset named by file, as RobustBench's ImageNet list
+(``robustbench/helper_files/imagenet_test_image_ids.txt``, 5,000 ``val/<wnid>/<file>`` lines) names its images.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dat_ds.data.shards import Sample, write_index, write_tar
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXTS = {".jpeg", ".jpg", ".png"}
+FILES_NAME = "test.files.txt"
 
 
 def list_split(root: Path, split: str, classes: list[str], val_labels: Path | None) -> list[tuple[Path, int]]:
@@ -90,6 +93,12 @@ def convert(src: Path, out: Path, shard_mb: float, val_labels: Path | None, name
                 )
             entries.append({"file": fname, "count": len(group)})
         splits["test" if split == "val" else split] = entries
+        if (
+            split == "val"
+        ):  # test index -> source file, for subsets named by file (RobustBench's 5,000 images)
+            tmp = out / (FILES_NAME + ".tmp")
+            tmp.write_text("".join(f"{p.relative_to(src).as_posix()}\n" for p, _ in files))
+            tmp.replace(out / FILES_NAME)
         print(f"{split}: {len(files)} images in {len(entries)} shards")
     write_index(
         out,

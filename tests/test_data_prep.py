@@ -63,16 +63,21 @@ def test_imagenet_shards_copy_jpeg_bytes(imagenet_tree, tmp_path):
 
 
 def test_imagenet_crop_decode_matches_full_decode(imagenet_tree):
-    """The reduced-scale JPEG decode gives (nearly) the same crop as decoding at full size."""
+    """The reduced-scale JPEG decode of a training crop gives (nearly) the same crop as decoding at full size."""
     import random
 
     from dat_ds.data import transforms
 
     data = next(imagenet_tree.rglob("*.JPEG")).read_bytes()
-    fast = transforms.decode(data, channels=3, augment="imagenet", train=False, image_size=64, rng=None)
+    fast = transforms.decode(
+        data, channels=3, augment="imagenet", train=True, image_size=64, rng=random.Random(3)
+    )
     img = Image.open(io.BytesIO(data)).convert("RGB")
-    x0, y0, cw, ch = transforms._center_box(*img.size, 64)
+    rng = random.Random(3)
+    x0, y0, cw, ch = transforms._rrc_box(rng, *img.size)
     ref = torch.from_numpy(np.array(img.resize((64, 64), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))))
+    if rng.random() < 0.5:
+        ref = ref.flip(1)
     assert (fast.permute(1, 2, 0).float() - ref.float()).abs().mean() < 6.0
     a = transforms.decode(
         data, channels=3, augment="imagenet", train=True, image_size=32, rng=random.Random(1)
@@ -135,3 +140,74 @@ def test_cifar_loader_refuses_code_in_pickles(tmp_path):
     (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil()}))
     with pytest.raises(pickle.UnpicklingError, match=r"asks to load posix\.system.*refused"):
         load_batch(tmp_path / "data_batch_1")
+
+
+def test_imagenet_flat_val_and_the_robustbench_subset_evaluate(imagenet_tree, tmp_path):
+    """The ILSVRC flat layout (val/*.JPEG + a labels file) converts like the re-foldered one; an evaluation subset
+    named by file, in RobustBench's `val/<wnid>/<file>` lines, evaluates exactly those images, each resized to 256
+    on its short side and center-cropped to 224."""
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    from dat_ds.config import load_config
+    from dat_ds.evaluate import load_examples
+    from dat_ds.evaluate import main as evaluate_main
+    from dat_ds.export import export_safetensors
+    from dat_ds.models import build_model
+    from data_prep.imagenet import IMAGENET_MEAN, IMAGENET_STD
+    from data_prep.imagenet import main as imagenet_main
+
+    flat = tmp_path / "ilsvrc"
+    shutil.copytree(imagenet_tree / "train", flat / "train")
+    (flat / "val").mkdir()
+    labels = []
+    for i, p in enumerate(
+        sorted((imagenet_tree / "train").rglob("*.JPEG"))[:6]
+    ):  # 6 val images, both classes
+        name = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
+        shutil.copy(p, flat / "val" / name)
+        labels.append(f"{name} {p.parent.name}")
+    (tmp_path / "val_labels.txt").write_text("\n".join(labels) + "\n")
+    shards = tmp_path / "shards"
+    imagenet_main([str(flat), str(shards), "--val-labels", str(tmp_path / "val_labels.txt")])
+    index = load_index(shards)
+    assert index.split("test").count == 6
+    files = (shards / "test.files.txt").read_text().split()
+    assert files == [f"val/ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, 7)]
+
+    # RobustBench names its images as val/<wnid>/<file>: matched by file name
+    wnid = {ln.split()[0]: ln.split()[1] for ln in labels}
+    pick = ["ILSVRC2012_val_00000005.JPEG", "ILSVRC2012_val_00000002.JPEG", "ILSVRC2012_val_00000006.JPEG"]
+    (tmp_path / "ids.txt").write_text("".join(f"val/{wnid[n]}/{n}\n" for n in pick))
+
+    cfg = load_config(
+        "recipes/imagenet_r50_dat_pgd.toml",
+        [f'data.shards="{shards}"', 'model.name="dat_digits_cnn"', "model.channels_last=false"],
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 2, 3, IMAGENET_MEAN, IMAGENET_STD)
+    export_safetensors(
+        model.eval(), cfg, SimpleNamespace(num_classes=2, channels=3), run / "model.safetensors"
+    )
+    args = [str(run), "--indices", str(tmp_path / "ids.txt"), "--no-autoattack", "--pgd-steps", "2",
+            "--pgd-restarts", "1", "--chunk", "2"]  # fmt: skip
+    assert evaluate_main(args) == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert report["n_examples"] == 3 and report["subset"]["indices"] == [1, 4, 5]
+
+    # the protocol's preprocessing: short side to 256, center 224 x 224 (the recipe's image_size at crop_pct 0.875)
+    ((x, y),) = load_examples(index, [4], {0}, "imagenet", cfg.data.image_size).values()
+    classes = json.loads((shards / "classes.json").read_text())
+    assert x.shape == (3, 224, 224) and y == classes.index(labels[4].split()[1])
+    img = Image.open(flat / "val" / pick[0]).convert(
+        "RGB"
+    )  # torchvision's Resize(256) + CenterCrop(224), by hand
+    w, h = img.size
+    img = img.resize((int(256 * w / h), 256) if w > h else (256, int(256 * h / w)), Image.BILINEAR)
+    left, top = int(round((img.size[0] - 224) / 2.0)), int(round((img.size[1] - 224) / 2.0))
+    ref = torch.from_numpy(np.array(img.crop((left, top, left + 224, top + 224)))).permute(2, 0, 1)
+    assert torch.equal(x, ref), "the same pixels as the protocol's preprocessing"

@@ -4,8 +4,10 @@ Every random choice comes from ``random.Random`` seeded by the sample's place in
 draws the same crops as an uninterrupted one, whatever worker or process decodes the sample. Output is a uint8
 CHW tensor; scaling to [0,1] happens on the device (4x fewer bytes through the loader and the host copy).
 
-ImageNet crops use PIL's JPEG draft mode: the DCT decodes at 1/2, 1/4 or 1/8 scale when the crop that follows
-would shrink the image anyway, never below the output resolution of the crop. Same crop, same output size.
+ImageNet training crops use PIL's JPEG draft mode: the DCT decodes at 1/2, 1/4 or 1/8 scale when the crop that
+follows would shrink the image anyway, never below the output resolution of the crop. Same crop, same output size.
+Evaluation decodes at full size and reproduces torchvision's Resize(256) + CenterCrop(224) pixel for pixel, the
+preprocessing RobustBench's ImageNet numbers are measured with.
 """
 
 from __future__ import annotations
@@ -52,10 +54,20 @@ def _rrc_box(
     return (w - cw) // 2, (h - ch) // 2, cw, ch
 
 
-def _center_box(w: int, h: int, size: int, crop_pct: float = 0.875) -> tuple[int, int, int, int]:
-    """Resize-short-side-to size/crop_pct then center-crop size, expressed as one box in source pixels."""
-    side = min(w, h) * crop_pct
-    return int(round((w - side) / 2)), int(round((h - side) / 2)), int(round(side)), int(round(side))
+def _resize_center_crop(img: Image.Image, size: int, crop_pct: float = 0.875) -> Image.Image:
+    """Evaluation: the short side resized to ``floor(size / crop_pct)`` (256 for 224), then the center ``size`` x
+    ``size`` crop, pixel for pixel as torchvision's ``Resize(256)`` + ``CenterCrop(224)`` on a PIL image (RobustBench's
+    ImageNet protocol, timm's eval transform). The full-size decode is kept: a reduced-scale one would shift it."""
+    w, h = img.size
+    short = math.floor(size / crop_pct)
+    if w <= h:
+        nw, nh = short, int(short * h / w)
+    else:
+        nw, nh = int(short * w / h), short
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
 
 
 def _crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int) -> Image.Image:
@@ -84,9 +96,10 @@ def decode(
     img = Image.open(io.BytesIO(data))
     mode = "L" if channels == 1 else "RGB"
     if augment == "imagenet":
-        w, h = img.size
-        box = _rrc_box(rng, w, h) if train else _center_box(w, h, image_size)
-        img = _crop_resize(img, box, image_size)
+        if train:
+            img = _crop_resize(img, _rrc_box(rng, *img.size), image_size)
+        else:
+            img = _resize_center_crop(img, image_size)
         if img.mode != mode:
             img = img.convert(mode)
         out = _to_tensor(img)

@@ -17,26 +17,42 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * {"none": 1.0, "linear": k, "sqrt": math.sqrt(k)}[cfg.lr_scale]
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    weights, norms_biases = [], []
-    for p in model.parameters():
+def param_groups(
+    model: nn.Module, cfg: OptimConfig, head: str = "", head_lr_scale: float = 1.0
+) -> list[dict]:
+    """Weights, then norms and biases, of the body, then of the head (parameters under module ``head``, whose LR
+    is ``head_lr_scale`` times the body's). Frozen parameters (``requires_grad = False``) are in no group."""
+    bins: dict[tuple[bool, bool], list] = {(h, nb): [] for h in (False, True) for nb in (False, True)}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (norms_biases if p.ndim <= 1 else weights).append(p)
-    groups = [{"params": weights, "weight_decay": cfg.weight_decay, "adapt": True}]
-    if norms_biases:
-        groups.append(
-            {
-                "params": norms_biases,
-                "weight_decay": cfg.weight_decay if cfg.wd_on_norm_and_bias else 0.0,
-                "adapt": cfg.adapt_norm_and_bias,
-            }
-        )
+            in_head = bool(head) and (name == head or name.startswith(head + "."))
+            bins[(in_head and head_lr_scale != 1.0, p.ndim <= 1)].append(p)
+    groups = []
+    for in_head in (False, True):
+        extra = {"lr_scale": head_lr_scale} if in_head else {}
+        if bins[(in_head, False)]:
+            groups.append(
+                {"params": bins[(in_head, False)], "weight_decay": cfg.weight_decay, "adapt": True, **extra}
+            )
+        if bins[(in_head, True)]:
+            groups.append(
+                {
+                    "params": bins[(in_head, True)],
+                    "weight_decay": cfg.weight_decay if cfg.wd_on_norm_and_bias else 0.0,
+                    "adapt": cfg.adapt_norm_and_bias,
+                    **extra,
+                }
+            )
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, global_batch: int, head: str = "", head_lr_scale: float = 1.0
+) -> torch.optim.Optimizer:
     lr = scaled_lr(cfg, global_batch)
-    groups = param_groups(model, cfg)
+    groups = param_groups(model, cfg, head, head_lr_scale)
+    for g in groups:
+        g["lr"] = lr * g.pop("lr_scale", 1.0)  # LambdaLR scales each group's own base LR
     if cfg.name == "sgd":
         for g in groups:
             g.pop("adapt")
