@@ -60,11 +60,11 @@ class InitPlan:
         if not self.source:
             what = "random weights"
         else:
-            what = (
-                f"{self.source}: {len(self.loaded)} tensors loaded, {len(self.adapted)} adapted "
-                f"{self.adapted or ''}, {len(self.new)} new {self.new or ''}, {len(self.dropped)} dropped "
-                f"{self.dropped or ''}"
-            )
+            parts = [f"{len(self.loaded)} tensors loaded"] + [
+                f"{len(v)} {k}" + (f" {sorted(v)}" if v else "")
+                for k, v in (("adapted", self.adapted), ("new", self.new), ("dropped", self.dropped))
+            ]
+            what = f"{self.source}: {', '.join(parts)}"
         frozen = f"; {len(self.frozen)} parameters frozen" if self.frozen else ""
         return f"init: {what}{frozen}"
 

@@ -279,4 +279,4 @@ def test_imagenet_to_cifar_recipe_pairs_check(tmp_path, digits_dir, capsys):
         recipe = str(REPO / f"recipes/cifar{classes}_r50_finetune_dat_pgd.toml")
         assert main([recipe, "--check", "--world-size", "6", *small]) == 0
         out = capsys.readouterr().out
-        assert "2 new ['fc.weight', 'fc.bias']" in out and "0 adapted" in out, out
+        assert "2 new ['fc.bias', 'fc.weight']" in out and "0 adapted" in out, out

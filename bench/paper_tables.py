@@ -1,0 +1,212 @@
+"""The paper's Tables 1 and 4 on MNIST: large-batch DAT with and without LALR, DAT-FGSM against DAT-PGD, and the
+aggregation bit widths, every row a real run through the deepspeed launcher on this machine.
+
+    python -m bench.paper_tables                 # every stage; an interrupted study resumes where it stopped
+    python -m bench.paper_tables --no-autoattack # tables without the AA column (AutoAttack is most of the time)
+
+All rows train recipes/mnist_paper_tables.toml (dat_mnist_cnn, all 60,000 MNIST images, 2 epochs, eps = 0.2,
+DAT's CE(clean) + CE(adv), cosine after a half-epoch warm-up) and differ only in what the row names. The LR rule was
+fixed before any row ran and nothing is tuned on the test images:
+  * single worker, batch B = 64: SGD (momentum 0.9) at lr 0.05;
+  * DAT at 8B = 512 (2 ranks x 256): SGD with the LR scaled linearly from B (0.4), or LALR at 0.02 per 64 images
+    scaled by the square root (0.057; Adam moments, c_l = 0, c_u = 10, weight decay 1e-4: the rule of
+    bench/lalr_study.py, as the official DAT code's LAMB settings);
+  * PGD rows train with PGD-3 (step 0.1), FGSM rows with FGSM from a random start (step 1.25 eps, Fast AT).
+Table 1: AT and Fast AT on one worker at B; DAT-PGD and DAT-FGSM at 8B without and with LALR (the DAT-PGD pair with
+seeds 0 and 1). Table 4: DAT-PGD + LALR at 8B with the aggregation at 32 bits (ring all-reduce, and the sharded
+parameter server), 16, 8, 8 two-sided and 4 two-sided bits.
+Evaluation: dat_ds.evaluate on the same 1,000 test images (random subset, seed 0), PGD-50 x 5 restarts, and for
+Table 1 AutoAttack (standard).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.runs import BIN, REPO, Stages, ds_cmd
+
+B = 64
+SGD = ['optim.name="sgd"', "optim.lr=0.05", 'optim.lr_scale="linear"', f"optim.lr_ref_batch={B}"]
+LALR = ['optim.name="lalr"', "optim.lr=0.02", 'optim.lr_scale="sqrt"', f"optim.lr_ref_batch={B}",
+        "optim.weight_decay=1e-4", "optim.c_lower=0.0", "optim.c_upper=10.0"]  # fmt: skip
+FGSM = ['attack.method="fgsm"']
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    ranks: int
+    batch: int
+    overrides: list[str] = field(default_factory=list)
+    seed: int = 0
+    tables: tuple[int, ...] = (1,)
+
+    @property
+    def micro(self) -> int:
+        return self.batch // self.ranks
+
+
+def rows() -> list[Row]:
+    out = [
+        Row("at_b", "AT (1 worker, B)", 1, B, SGD),
+        Row("fastat_b", "Fast AT (1 worker, B)", 1, B, SGD + FGSM),
+    ]
+    for seed in (0, 1):
+        out.append(Row(f"pgd_8b_sgd_s{seed}", "DAT-PGD 8B, SGD", 2, 8 * B, SGD, seed))
+        out.append(
+            Row(
+                f"pgd_8b_lalr_s{seed}",
+                "DAT-PGD 8B, LALR",
+                2,
+                8 * B,
+                LALR,
+                seed,
+                (1, 4) if seed == 0 else (1,),
+            )
+        )
+    out.append(Row("fgsm_8b_sgd", "DAT-FGSM 8B, SGD", 2, 8 * B, SGD + FGSM))
+    out.append(Row("fgsm_8b_lalr", "DAT-FGSM 8B, LALR", 2, 8 * B, LALR + FGSM))
+    for bits, two, topo in (
+        (32, False, "ps"),
+        (16, False, "ps"),
+        (8, False, "ps"),
+        (8, True, "ps"),
+        (4, True, "ps"),
+    ):
+        name = f"{bits}{'-2s' if two else ''}-{topo}"
+        comm = [f"comm.bits={bits}", f"comm.two_sided={str(two).lower()}", f'comm.topology="{topo}"']
+        out.append(Row(f"pgd_8b_lalr_{name}", f"DAT-PGD 8B, LALR, {name}", 2, 8 * B, LALR + comm, 0, (4,)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "paper_tables")
+    p.add_argument("--docs", type=Path, default=REPO / "docs")
+    p.add_argument("--no-autoattack", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="write the tables from the stages done so far")
+    a = p.parse_args(argv)
+    study = Stages(a.out)
+    if not a.report_only:
+        if not (REPO / "data/mnist/index.json").is_file():
+            study.run(
+                "data_mnist", False, [str(BIN / "python"), "-m", "data_prep.mnist", str(REPO / "data/mnist")]
+            )
+        all_rows = rows()
+        port = 29900
+        for row in all_rows:  # training and the PGD evaluation of every row first: both tables without AA
+            run = a.out / row.key
+            port += 2
+            study.run(
+                f"train_{row.key}",
+                (run / "model.safetensors").is_file(),
+                ds_cmd("dat_ds.train", str(REPO / "recipes/mnist_paper_tables.toml"), "--set", f'out_dir="{a.out}"',
+                       "--set", f'name="{row.key}"', "--set", f"train.global_batch_size={row.batch}", "--set",
+                       f"train.micro_batch_size={row.micro}", "--set", f"train.seed={row.seed}",
+                       *[x for o in row.overrides for x in ("--set", o)], "--resume", "auto",
+                       nproc=row.ranks, port=port),
+            )  # fmt: skip
+            study.run(
+                f"eval_{row.key}",
+                (run / "eval.json").is_file(),
+                ds_cmd("dat_ds.evaluate", str(run), "--subset", "1000", "--seed", "0", "--chunk", "125",
+                       "--no-autoattack", port=port + 1),
+            )  # fmt: skip
+        write_report(a, study.times)
+        if not a.no_autoattack:
+            for row in all_rows:
+                if 1 not in row.tables:
+                    continue
+                run = a.out / row.key
+                ev = json.loads((run / "eval.json").read_text())
+                study.run(
+                    f"autoattack_{row.key}",
+                    ev.get("autoattack_acc") is not None,
+                    ds_cmd("dat_ds.evaluate", str(run), "--subset", "1000", "--seed", "0", "--chunk", "125",
+                           "--no-square-check", port=29990),
+                )  # fmt: skip
+                write_report(a, study.times)
+    write_report(a, study.times)
+
+
+def _pct(vals: list, digits: int = 2) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{100 * vals[0]:.{digits}f}"
+    mean = sum(vals) / len(vals)
+    return f"{100 * mean:.{digits}f} ({' / '.join(f'{100 * v:.{digits}f}' for v in vals)})"
+
+
+def write_report(a, times: dict) -> None:
+    from dat_ds.report import summarize
+
+    done = {}
+    for row in rows():
+        run = a.out / row.key
+        if (run / "eval.json").is_file():
+            s = summarize(run)
+            recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            s["theory"] = recs[-1]["data_mb_per_iter_theory"]
+            s["steps"] = recs[-1]["steps"]
+            s["row_s"] = times.get(f"train_{row.key}", float("nan")) + times.get(f"eval_{row.key}", 0.0)
+            done[row.key] = (row, s)
+    groups: dict[tuple[int, str], list] = {}
+    for row, s in done.values():
+        for t in row.tables:
+            groups.setdefault((t, row.label if t == 1 else row.key), []).append((row, s))
+    t1 = ["| method | p×q | batch | steps | TA % | RA % (PGD-50×5) | AA % | C (s/epoch) | T (s/epoch) | seeds | train + eval (s) |",
+          "|" + "---|" * 11]  # fmt: skip
+    t4 = ["| aggregation | TA % | RA % (PGD-50×5) | C (s/epoch) | T (s/epoch) | MB/iter measured | MB/iter theory | measured/theory |",
+          "|" + "---|" * 8]  # fmt: skip
+    for (t, _), members in groups.items():
+        row, s = members[0]
+        ss = [m[1] for m in members]
+
+        def mean(k: str, ss: list = ss) -> float:
+            return sum(x[k] for x in ss) / len(ss)
+
+        if t == 1:
+            t1.append(
+                f"| {row.label} | 1×{row.ranks} | {row.batch} | {s['steps']} | {_pct([x['TA'] for x in ss])} | "
+                f"{_pct([x['RA'] for x in ss])} | {_pct([x['AA'] for x in ss])} | {mean('C'):.2f} | {mean('T'):.1f} | "
+                f"{len(ss)} | {mean('row_s'):.0f} |"
+            )
+        else:
+            name = (
+                "32-bit ring all-reduce (hpc)" if row.key == "pgd_8b_lalr_s0" else row.label.split(", ")[-1]
+            )
+            mb = s["MB/iter"]
+            t4.append(
+                f"| {name} | {_pct([s['TA']])} | {_pct([s['RA']])} | {s['C']:.2f} | {s['T']:.1f} | "
+                f"{mb:.4f} | {s['theory']:.4f} | {mb / s['theory']:.3f} |"
+            )
+    text = f"""# The paper's Tables 1 and 4 on MNIST (2 ranks, this 2-core CPU machine)
+
+Made by `python -m bench.paper_tables` ({time.strftime("%Y-%m-%d")}; every run through the deepspeed launcher with
+gloo, 1 rank for the single-worker rows, 2 for DAT). Rows done so far: {len(done)} of {len(rows())}.
+
+{__doc__.split(chr(10), 4)[-1].strip()}
+
+## Table 1
+
+{chr(10).join(t1)}
+
+Cells with two seeds give the mean and (seed 0 / seed 1).
+
+## Table 4
+
+{chr(10).join(t4)}
+"""
+    a.docs.mkdir(exist_ok=True)
+    (a.docs / "paper_tables.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
