@@ -58,7 +58,7 @@ demo: setup data/digits/index.json
 	$(PY) -m dat_ds.report runs/demo/digits_dat_pgd runs/demo/digits_standard --out runs/demo/results.md
 
 test: setup
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=30 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not launcher" tests
