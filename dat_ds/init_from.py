@@ -237,10 +237,10 @@ def freeze(net: nn.Module, patterns: tuple[str, ...]) -> list[str]:
     for name, p in net.named_parameters():
         parts = name.split(".")
         prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        for pat in patterns:
-            if any(fnmatch.fnmatchcase(q, pat) for q in prefixes):
-                hits[pat] += 1
-        if any(fnmatch.fnmatchcase(q, pat) for q in prefixes for pat in patterns):
+        matched = [pat for pat in patterns if any(fnmatch.fnmatchcase(q, pat) for q in prefixes)]
+        for pat in matched:
+            hits[pat] += 1
+        if matched:
             p.requires_grad_(False)
             frozen.append(name)
     unmatched = [p for p, n in hits.items() if not n]

@@ -10,7 +10,7 @@ Per step, in data-flow order: batch (labeled, plus a pseudo-labelled share with 
 CE(adv), TRADES, or Gaussian-noise / SmoothAdv training) -> engine.backward -> engine.step (the accumulation boundary reduces the gradients once
 through dat_ds.comm, clips, applies the optimizer) -> running metrics. Per epoch: BatchNorm buffers averaged
 across ranks -> TA/RA on the test split -> metrics.jsonl + wandb -> checkpoint. ``run`` is that sequence of
-phases (start_rank, build_engine, restore, open_outputs, then per epoch train_epoch, epoch_record, evaluate_epoch,
+phases (start_rank, choose_start, build_engine, restore, open_outputs, then per epoch train_epoch, epoch_record, evaluate_epoch,
 close_epoch, and finish), each a function of the rank's ``Session``.
 """
 
@@ -278,9 +278,7 @@ class Session:
 def run(cfg: RunConfig, plan: Plan, resume: str) -> dict:
     """The run, phase by phase; each phase is a function below."""
     s = start_rank(cfg, plan)  # launcher guard, process group, logging, seeds, run folder
-    choose_start(
-        s, resume
-    )  # rank 0 picks the checkpoint to resume, if any, and every rank checks it can see it
+    choose_start(s, resume)  # rank 0 picks the checkpoint to resume (if any); every rank checks it sees it
     build_engine(s)  # model from its starting weights, optimizer, schedule, DeepSpeed engine, the comm seam
     restore(s)  # the chosen checkpoint, if any: weights, optimizer, RNG, data position, reducer
     open_outputs(s)  # metrics.jsonl + wandb on rank 0, the test-split loader
