@@ -72,16 +72,20 @@ def rate_bytes_per_s(rate: str) -> float:
     return float(m.group(1)) * {"k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)] / 8
 
 
-def run(rate: str, mtu: int, reps: int, bucket_mb: float, only: str = "") -> dict:
+def run_on_link(
+    rate: str, mtu: int, module: str, args: list[str], port: int, timeout_s: float = 1800
+) -> dict:
+    """Set up the two namespaces, run ``python -m module --out FILE *args`` as rank 0 and 1 (one per namespace,
+    rank 0's address the rendezvous), return rank 0's JSON, and remove the namespaces whatever happens."""
     setup(rate, mtu)
+    procs: list[subprocess.Popen] = []
     try:
-        out = Path(tempfile.mkdtemp()) / "comm.json"
-        procs = []
+        out = Path(tempfile.mkdtemp()) / "result.json"
         for r, (ns, dev) in enumerate(zip(NS, VETH, strict=True)):
             env = dict(
                 os.environ,
                 MASTER_ADDR=ADDR[0],
-                MASTER_PORT="29700",
+                MASTER_PORT=str(port),
                 RANK=str(r),
                 WORLD_SIZE="2",
                 LOCAL_RANK="0",
@@ -90,37 +94,26 @@ def run(rate: str, mtu: int, reps: int, bucket_mb: float, only: str = "") -> dic
                 OMP_NUM_THREADS="1",
                 PYTHONUNBUFFERED="1",
             )
-            cmd = [
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                sys.executable,
-                "-m",
-                "bench.comm_worker",
-                "--out",
-                str(out),
-                "--reps",
-                str(reps),
-                "--bucket-mb",
-                str(bucket_mb),
-                "--only",
-                only,
-            ]
+            cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", module, "--out", str(out), *args]
             procs.append(
                 subprocess.Popen(
                     cmd, env=env, stdout=None if r == 0 else subprocess.DEVNULL, stderr=subprocess.STDOUT
                 )
             )
-        codes = [p.wait(timeout=1800) for p in procs]
+        codes = [p.wait(timeout=timeout_s) for p in procs]
         if any(codes):
             raise SystemExit(f"benchmark ranks exited with {codes}")
         return json.loads(out.read_text())
     finally:
-        for p in locals().get("procs", []):
+        for p in procs:
             if p.poll() is None:
                 p.kill()
         teardown()
+
+
+def run(rate: str, mtu: int, reps: int, bucket_mb: float, only: str = "") -> dict:
+    args = ["--reps", str(reps), "--bucket-mb", str(bucket_mb), "--only", only]
+    return run_on_link(rate, mtu, "bench.comm_worker", args, port=29700)
 
 
 def table(res: dict, rate: str, cmd: str, mtu: int) -> str:
@@ -147,6 +140,21 @@ def table(res: dict, rate: str, cmd: str, mtu: int) -> str:
             f"| {r['name']} | {r['median_s'] * 1000:.0f} | {r['median_s'] / fp32:.2f} | {r['wire_sent_mb']:.1f} | "
             f"{floor * 1000:.0f} | {r['median_s'] / floor if floor > 0 else float('nan'):.2f} | {tr} | {th} |"
         )
+    prof = [r for r in rows if r.get("phases_ms")]
+    if prof:
+        names = list(prof[0]["phases_ms"])
+        lines += [
+            "",
+            "Where the ps rows' time goes (rank 0, ms per exchange, mean of 2 extra repetitions; the phases of "
+            "successive rounds overlap each other and the wire, so they need not add up to the row's time):",
+            "",
+            "| method | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for r in prof:
+            lines.append(
+                f"| {r['name']} | " + " | ".join(f"{r['phases_ms'].get(k, 0):.0f}" for k in names) + " |"
+            )
     lines += [
         "",
         "DDP rows are the time a hook adds to a backward pass of resnet50 (batch 2, 64 px) over the same "

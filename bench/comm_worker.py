@@ -127,6 +127,16 @@ def main() -> None:
         res["median_s"] -= copy
         res["min_s"] -= copy
         res["max_s"] -= copy
+        phases = {}
+        if (
+            s["topology"] == "ps"
+        ):  # where the time goes: wall time per phase of the exchange, mean of 2 more reps
+            reducer.profile = {}
+            for _ in range(2):
+                dist.barrier()
+                step()
+            phases = {k: v / 2 * 1000 for k, v in reducer.profile.items()}
+            reducer.profile = None
         record(
             name,
             "dat-ds",
@@ -137,6 +147,7 @@ def main() -> None:
             transport_sent_mb=d.bytes_sent / d.calls / 1e6,
             transport_recv_mb=d.bytes_recv / d.calls / 1e6,
             theory_mb=reducer.theory_bytes(numel, world) / 1e6,
+            phases_ms=phases,
         )
 
     if a.only:

@@ -185,6 +185,8 @@ class CommConfig:
     error_feedback: bool = False
     block_size: int = 512  # values per fp32 scale: 0.8 % overhead at 8 bits, 1.6 % at 4
     bucket_mb: float = 4.0  # values per owner per pipelined round of the ps transport (fp32 MB)
+    overlap: bool = True  # reduce gradient buckets during backward (dat_ds/comm/overlap.py); false: after it
+    overlap_bucket_mb: float = 25.0  # gradient values per overlapped bucket (MB at fp32), DDP's default size
 
     def __post_init__(self) -> None:
         if self.topology == "hpc":
@@ -196,6 +198,7 @@ class CommConfig:
             _check(not self.two_sided, "comm.two_sided needs comm.topology='ps'")
         _check(self.block_size >= 8 and self.block_size % 2 == 0, "comm.block_size must be even and >= 8")
         _check(self.bucket_mb > 0, f"comm.bucket_mb={self.bucket_mb} must be > 0")
+        _check(self.overlap_bucket_mb > 0, f"comm.overlap_bucket_mb={self.overlap_bucket_mb} must be > 0")
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,7 @@ class TrainState:
     comm_seconds: float = 0.0  # communication time so far in this epoch
     comm_bytes: int = 0
     train_seconds: float = 0.0
+    comm_exposed_seconds: float = 0.0  # the part of comm_seconds the steps waited for
 
     def client_state(self, cfg: RunConfig) -> dict:
         return {
@@ -145,7 +146,8 @@ class TrainState:
             "rng": rng_state(),
             "sums": self.sums.cpu(),
             "timers": torch.tensor(
-                [self.comm_seconds, float(self.comm_bytes), self.train_seconds], dtype=torch.float64
+                [self.comm_seconds, float(self.comm_bytes), self.train_seconds, self.comm_exposed_seconds],
+                dtype=torch.float64,
             ),
         }
 
@@ -250,12 +252,14 @@ class Session:
     def pin(self) -> bool:
         return self.engine.device.type == "cuda"
 
-    def epoch_comm(self) -> tuple[float, int]:
-        """Communication seconds and bytes of the current epoch so far (across a resume)."""
+    def epoch_comm(self) -> tuple[float, int, float]:
+        """Communication seconds, bytes and exposed seconds of the current epoch so far (across a resume)."""
         d = self.reducer.stats.since(self.comm_mark)
         moved = 2 * d.wire_sent if self.bytes_source == "wire" else d.bytes_sent + d.bytes_recv
-        return self.state.comm_seconds + d.seconds, self.state.comm_bytes + (
-            moved if self.bytes_source != "none" else 0
+        return (
+            self.state.comm_seconds + d.seconds,
+            self.state.comm_bytes + (moved if self.bytes_source != "none" else 0),
+            self.state.comm_exposed_seconds + d.exposed_seconds,
         )
 
     def save(self, tag: str) -> None:
@@ -265,7 +269,9 @@ class Session:
             self.engine.module, self.world, reduce=True
         )  # DeepSpeed never syncs BN buffers; rank 0's are saved
         rank_state = self.state.rank_state()
-        rank_state["timers"][:2] = torch.tensor(self.epoch_comm(), dtype=torch.float64)
+        comm_s, comm_b, exposed_s = self.epoch_comm()
+        rank_state["timers"][:2] = torch.tensor([comm_s, comm_b], dtype=torch.float64)
+        rank_state["timers"][3] = exposed_s
         rank_state["reducer"] = self.reducer.state_dict()  # error-feedback residuals, rounding generator
         self.ckpt.save(self.engine, tag, self.state.client_state(self.cfg), rank_state)
 
@@ -389,7 +395,7 @@ def build_engine(s: Session) -> None:
         bucket_mb=c.bucket_mb,
         seed=cfg.train.seed,
     )
-    engine_seam.install(s.engine, s.reducer)
+    engine_seam.install(s.engine, s.reducer, c.overlap_bucket_mb if c.overlap else None)
     s.bytes_source = "wire" if dist.get_backend() == "gloo" else "posted" if c.topology == "ps" else "none"
 
 
@@ -409,7 +415,9 @@ def restore(s: Session) -> None:
             [sums, torch.zeros(SUMS - len(sums), dtype=torch.float64)]
         ),  # older checkpoints: 4 sums
     )
-    s.state.comm_seconds, comm_bytes, s.state.train_seconds = rank_state["timers"].tolist()
+    timers = rank_state["timers"].tolist()  # checkpoints before overlap: 3 timers, all communication exposed
+    s.state.comm_seconds, comm_bytes, s.state.train_seconds = timers[:3]
+    s.state.comm_exposed_seconds = timers[3] if len(timers) > 3 else timers[0]
     s.state.comm_bytes = int(comm_bytes)
     set_rng_state(rank_state["rng"])
     s.reducer.load_state_dict(rank_state.get("reducer", {}))
@@ -508,7 +516,7 @@ def epoch_record(s: Session) -> dict:
     distribute_bn(engine.module, s.world, reduce=True)  # BN buffers agree before evaluation and saving
     sums = state.sums.clone()
     dist.all_reduce(sums)  # loss and adversarial accuracy over all ranks
-    comm_s, comm_b = s.epoch_comm()
+    comm_s, comm_b, exposed_s = s.epoch_comm()
     n = (sums[1] + sums[5]).item()
     record = {
         "epoch": state.epoch + 1,
@@ -516,7 +524,8 @@ def epoch_record(s: Session) -> dict:
         "train_adv_acc": (sums[2] + sums[6]).item() / n,
         "lr": engine.get_lr()[0],
         "epoch_time_s": state.train_seconds,
-        "comm_time_s": comm_s,
+        "comm_time_s": comm_s,  # total: time spent reducing gradients, hidden behind backward or not
+        "comm_exposed_s": exposed_s,  # the part the steps waited for (= comm_time_s without comm.overlap)
         "images_per_s": n / max(state.train_seconds, 1e-9),
         "bad_samples_skipped": int(sums[3].item()),
         "data_mb_per_iter": comm_b / plan.steps_per_epoch / 1e6 if s.bytes_source != "none" else None,

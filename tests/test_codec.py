@@ -121,3 +121,26 @@ def test_compile_failure_warns_once_and_out_of_memory_is_not_hidden(monkeypatch)
     with pytest.warns(RuntimeWarning, match="torch.compile failed .* eager kernels"):
         q, scale = cm._run("enc8", 1 << 21, torch.ones(4, 512), None, 127.0)
     assert cm._compile_failed and q.dtype == torch.int8
+
+
+def test_compiled_4bit_kernels_match_eager(monkeypatch):
+    # Above COMPILE_MIN_NUMEL the kernels run through torch.compile; they must give the eager kernels' bytes.
+    import dat_ds.comm.codec as cm
+
+    n = cm.COMPILE_MIN_NUMEL
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, n, generator=g) * torch.rand(2, n, generator=g) ** 2
+    c = Codec(bits=4)
+
+    def run():
+        enc = torch.stack([c.encode(x[0]), c.encode(x[1])])
+        return enc, c.decode(enc[0], n), c.decode_mean(enc, n, torch.empty(n))
+
+    monkeypatch.setenv("DAT_DS_COMPILE_CODEC", "0")
+    eager = run()
+    monkeypatch.setenv("DAT_DS_COMPILE_CODEC", "1")
+    monkeypatch.setattr(cm, "_compile_failed", False)
+    compiled = run()
+    assert not cm._compile_failed
+    for a, b in zip(eager, compiled, strict=True):
+        assert torch.equal(a, b)

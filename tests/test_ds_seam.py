@@ -22,6 +22,7 @@ def test_seam_methods_exist_with_expected_signature():
 @pytest.mark.parametrize(
     ("caller", "callee"),
     [
+        ("backward", "self._backward_epilogue("),  # comm.overlap waits for its buckets there
         ("_backward_epilogue", "self.allreduce_gradients("),
         ("allreduce_gradients", "self.buffered_allreduce_fallback("),
         ("_reduce_non_expert_gradients", "self.allreduce_no_retain("),

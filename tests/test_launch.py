@@ -85,6 +85,7 @@ COMPRESSED_4BIT = [
     "comm.two_sided=true",
     "comm.error_feedback=true",
     'comm.rounding="stochastic"',
+    "comm.overlap_bucket_mb=0.1",  # 4 overlapped buckets, each with its own error-feedback residuals
 ]
 
 
@@ -118,6 +119,9 @@ def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tmp_path, digits_dir,
     for ra, rb in zip(a, b, strict=True):
         for k in ("train_loss", "train_adv_acc", "clean_acc", "pgd_acc", "lr", "steps"):
             assert ra[k] == rb[k], (ra["epoch"], k, ra[k], rb[k])
+        assert rb["grad_values_reduced_per_step"] == DIGITS_CNN_PARAMS and rb["replicas_identical"] is True
+        if mode:  # overlapped in several buckets, each launched once per step
+            assert rb["reduce_calls_per_step"] > 1 and rb["comm_exposed_s"] > 0
     wa = load_file(tmp_path / "ref" / "model.safetensors")
     wb = load_file(tmp_path / "killed" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -132,12 +136,14 @@ def test_three_ranks(tmp_path, digits_dir):
         "train.global_batch_size=96",
         "train.micro_batch_size=32",
         "attack.steps=2",
+        "comm.overlap=false",  # the reduction after backward, through DeepSpeed's own path
     )
     proc = run_launcher(tmp_path, "digits_dat_pgd.toml", ov, nproc=3, port=29641)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (r,) = read_metrics(tmp_path / "three")
     assert r["world_size"] == 3 and r["steps"] == 1437 // 96 and r["eval_n"] == 360
     assert r["replicas_identical"] is True and r["grad_values_reduced_per_step"] == DIGITS_CNN_PARAMS
+    assert r["comm_exposed_s"] == r["comm_time_s"], "without overlap all communication is exposed"
 
 
 def test_lalr_with_8bit_two_sided_compression_and_accumulation(tmp_path, digits_dir):

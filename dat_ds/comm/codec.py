@@ -9,7 +9,10 @@ by 8 and packed two per byte. ``bits=32`` is the identity (raw fp32 bytes).
 Speed: the per-block arithmetic is written as small pure functions. On tensors of at least ``COMPILE_MIN_NUMEL``
 values they run through ``torch.compile`` (one fused loop instead of six passes over memory: encoding 25.5M values
 on one CPU thread took 172 ms eager and 17 ms compiled here); smaller ones, and any platform where compiling
-fails, run them eagerly with the same results. ``DAT_DS_COMPILE_CODEC=0`` turns compiling off.
+fails, run them eagerly with the same results. ``DAT_DS_COMPILE_CODEC=0`` turns compiling off. 4-bit codes are
+packed and unpacked within each block by one broadcast shift, which fuses; stacking nibbles did not. That took the
+codec work of a 4-bit 2-sided exchange of ResNet-50's gradient on one rank from 345 to 180 ms of CPU time (8-bit:
+102 ms).
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ def _enc16(blocks, noise, qmax: float):
 
 def _enc4(blocks, noise, qmax: float):
     q, scale = _quantize(blocks, noise, qmax)
-    u = (q + 8).to(torch.uint8).reshape(-1, 2)
-    return u[:, 0] | (u[:, 1] << 4), scale
+    # pairs within each block: the compiler fuses this into one pass (1.6x faster than pairing the flat tensor)
+    u = (q + 8).to(torch.uint8).reshape(blocks.shape[0], -1, 2)
+    return (u[..., 0] | (u[..., 1] << 4)).reshape(-1), scale
 
 
 def _dec(q, scale, out, accumulate: bool):
@@ -64,11 +68,15 @@ def _dec(q, scale, out, accumulate: bool):
         out.copy_(vals)
 
 
-def _dec4(packed, scale, out, accumulate: bool):
+def _unpack4(packed, shifts):
+    """(..., n) packed bytes -> (..., n, 2) codes in [-8, 7]: one broadcast shift, which the compiler fuses into
+    the consumer (stacking the low and high nibbles instead ran at half the speed)."""
+    return ((packed.unsqueeze(-1) >> shifts) & 0x0F).to(torch.float32) - 8
+
+
+def _dec4(packed, scale, shifts, out, accumulate: bool):
     p = packed.reshape(scale.shape[0], -1)
-    lo = (p & 0x0F).to(torch.float32) - 8
-    hi = (p >> 4).to(torch.float32) - 8
-    vals = (torch.stack((lo, hi), dim=2) * scale.unsqueeze(2)).reshape(-1)
+    vals = (_unpack4(p, shifts) * scale.unsqueeze(2)).reshape(-1)
     if accumulate:
         out.add_(vals)
     else:
@@ -80,11 +88,18 @@ def _mean(codes, scales, out):
     out.copy_((codes.to(torch.float32) * scales).sum(0).reshape(-1) / codes.shape[0])
 
 
-def _mean4(packed, scales, out):
-    lo = (packed & 0x0F).to(torch.float32) - 8
-    hi = (packed >> 4).to(torch.float32) - 8
-    vals = torch.stack((lo, hi), dim=3).reshape(packed.shape[0], packed.shape[1], -1) * scales
+def _mean4(packed, scales, shifts, out):
+    vals = _unpack4(packed, shifts) * scales.unsqueeze(-1)  # (W, nb, block/2, 2)
     out.copy_(vals.sum(0).reshape(-1) / packed.shape[0])
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    if device not in _SHIFTS:
+        _SHIFTS[device] = torch.tensor([0, 4], dtype=torch.uint8, device=device)
+    return _SHIFTS[device]
 
 
 _EAGER = {
@@ -188,7 +203,7 @@ class Codec:
         scale = buf[: 4 * nb].view(torch.float32).reshape(nb, 1)
         codes = buf[4 * nb :]
         if self.bits == 4:
-            _run("dec4", n, codes, scale, out, accumulate)
+            _run("dec4", n, codes, scale, _shifts(buf.device), out, accumulate)
         else:
             _run("dec", n, codes.view(torch.int16 if self.bits == 16 else torch.int8), scale, out, accumulate)
         return out
@@ -203,7 +218,7 @@ class Codec:
         scales = bufs[:, : 4 * nb].view(torch.float32).reshape(world, nb, 1)
         codes = bufs[:, 4 * nb :]
         if self.bits == 4:
-            _run("mean4", n, codes.reshape(world, nb, -1), scales, out)
+            _run("mean4", n, codes.reshape(world, nb, -1), scales, _shifts(bufs.device), out)
         else:
             _run(
                 "mean",

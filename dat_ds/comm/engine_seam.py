@@ -8,6 +8,11 @@ it, on the reduced gradient. We replace that one method on the engine instance. 
 1-bit idiom (``enable_backward_allreduce = False`` and reduce in the optimizer), would make the engine clip the
 *local* gradients. ZeRO >= 1 reduces inside ``DeepSpeedZeroOptimizer`` and never reaches this seam, so it is
 refused. ``tests/test_ds_seam.py`` fails if a DeepSpeed upgrade moves the seam.
+
+With overlap (``comm.overlap``, the default; ``overlap.py``) the reduction starts from gradient hooks during
+backward instead, and the engine's ``allreduce_gradients`` (the top of the chain above, called once by
+``_backward_epilogue`` after backward) becomes the point where the step waits for it. ``allreduce_bucket`` is
+still replaced, so a DeepSpeed path that reached it anyway would be counted and caught by the exactly-once check.
 """
 
 from __future__ import annotations
@@ -63,8 +68,9 @@ def check_seam(engine_cls: type) -> None:
         raise RuntimeError(f"DeepSpeedEngine.allreduce_bucket{params} changed signature; see engine_seam.py")
 
 
-def install(engine, reducer: GradientReducer) -> None:
-    """Route the engine's dense-gradient reduction through ``reducer``."""
+def install(engine, reducer: GradientReducer, overlap_bucket_mb: float | None = None) -> None:
+    """Route the engine's dense-gradient reduction through ``reducer``; with ``overlap_bucket_mb``, in buckets of
+    that size launched during backward."""
     check_deepspeed_version()
     check_seam(type(engine))
     if engine.zero_optimization_stage() != 0:
@@ -101,3 +107,15 @@ def install(engine, reducer: GradientReducer) -> None:
 
     engine.allreduce_bucket = allreduce_bucket
     engine.dat_reducer = reducer
+    engine.dat_overlap = None
+    if overlap_bucket_mb is not None:
+        from .overlap import OverlappedReducer
+
+        if not callable(getattr(engine, "is_gradient_accumulation_boundary", None)):
+            raise RuntimeError(
+                "DeepSpeedEngine.is_gradient_accumulation_boundary is gone; see engine_seam.py"
+            )
+        dp = engine.seq_data_parallel_group  # the group DeepSpeed reduces over (allreduce_bucket's dp_group)
+        group = None if dist.get_world_size(dp) == dist.get_world_size() else dp
+        engine.dat_overlap = OverlappedReducer(engine, reducer, overlap_bucket_mb, group)
+        engine.allreduce_gradients = engine.dat_overlap.allreduce_gradients

@@ -35,7 +35,8 @@ class CommStats:
     bytes_recv: int = 0
     wire_sent: int = 0  # measured: the process's socket writes during the exchange (gloo); 0 where unseen
     wire_calls: int = 0  # exchanges whose wire bytes could be measured
-    seconds: float = 0.0
+    seconds: float = 0.0  # total: wall time inside reduce_ (on the communication thread, with overlap)
+    exposed_seconds: float = 0.0  # the part the training step waited for (all of it without overlap)
 
     def snapshot(self) -> CommStats:
         return CommStats(**vars(self))
@@ -58,9 +59,10 @@ def _written_bytes() -> int | None:
 
 
 def _sync(device: torch.device) -> None:
-    # Host-device sync so wall time covers the kernels and transfers (CUDA is asynchronous).
+    # Host-stream sync so wall time covers the kernels and transfers (CUDA is asynchronous). The current stream
+    # only: on the overlap thread's stream this must not wait for the backward kernels queued meanwhile.
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 class GradientReducer:
@@ -90,6 +92,8 @@ class GradientReducer:
         self.server_ef = ErrorFeedback()
         self.bucket_numel = max(block_size, int(bucket_mb * 2**20 / 4) // block_size * block_size)
         self.stats = CommStats()
+        # set to {} to add up the wall time of the ps exchange's phases in it (benchmarks)
+        self.profile: dict[str, float] | None = None
         self.seed = seed
         self._generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None  # restored from a checkpoint, applied on first use
@@ -126,8 +130,9 @@ class GradientReducer:
 
     # ------------------------------------------------------------------------------------------------ entry
 
-    def reduce_(self, flat: torch.Tensor, group=None, key: str = "0") -> torch.Tensor:
-        """Replace ``flat`` (any float dtype, 1-D) with its mean over the group."""
+    def reduce_(self, flat: torch.Tensor, group=None, key: str = "0", exposed: bool = True) -> torch.Tensor:
+        """Replace ``flat`` (any float dtype, 1-D) with its mean over the group. ``exposed``: the caller waits for
+        it (the plain path); the overlap thread passes False and accounts for the waiting itself."""
         world = dist.get_world_size(group)
         _sync(flat.device)
         t0 = time.perf_counter()
@@ -147,7 +152,10 @@ class GradientReducer:
         if w1 is not None:
             self.stats.wire_sent += w1 - w0
             self.stats.wire_calls += 1
-        self.stats.seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.stats.seconds += dt
+        if exposed:
+            self.stats.exposed_seconds += dt
         self.stats.calls += 1
         self.stats.numel += flat.numel()
         return flat
@@ -201,6 +209,18 @@ class GradientReducer:
         n, per_round = x.numel(), self.bucket_numel * world
         gen = self._gen(x.device)
         ef = self.error_feedback
+        prof = self.profile
+
+        class phase:  # wall time per phase of the exchange, when profiling
+            def __init__(self, name: str):
+                self.name = name
+
+            def __enter__(self):
+                self.t0 = time.perf_counter() if prof is not None else 0.0
+
+            def __exit__(self, *exc):
+                if prof is not None:
+                    prof[self.name] = prof.get(self.name, 0.0) + time.perf_counter() - self.t0
 
         def start_upload(r: int, start: int) -> dict:
             stop = min(n, start + per_round)
@@ -214,8 +234,9 @@ class GradientReducer:
             if ef:
                 src = self.worker_ef.add_residual(f"{key}/{r}", src)
             enc = torch.empty(world, up.encoded_nbytes(chunk), dtype=torch.uint8, device=x.device)
-            for j in range(world):
-                up.encode(src[j * chunk : (j + 1) * chunk], out=enc[j], generator=gen)
+            with phase("encode"):
+                for j in range(world):
+                    up.encode(src[j * chunk : (j + 1) * chunk], out=enc[j], generator=gen)
             if ef:
                 sent = torch.empty_like(src)
                 for j in range(world):
@@ -232,14 +253,19 @@ class GradientReducer:
             return dict(r=r, start=start, stop=stop, chunk=chunk, enc=enc, inbox=inbox, reqs=reqs)
 
         def finish_upload(st: dict) -> None:
-            for q in st["reqs"]:
-                q.wait()
+            with phase("wait upload"):
+                for q in st["reqs"]:
+                    q.wait()
             chunk = st["chunk"]
             # Owner: fp32 sum of the decoded copies in rank order (the same on every run), then the mean.
-            agg = up.decode_mean(st["inbox"], chunk, torch.empty(chunk, dtype=torch.float32, device=x.device))
+            with phase("owner decode+mean"):
+                agg = up.decode_mean(
+                    st["inbox"], chunk, torch.empty(chunk, dtype=torch.float32, device=x.device)
+                )
             if self.two_sided and ef:
                 agg = self.server_ef.add_residual(f"{key}/{st['r']}", agg)
-            mine = down.encode(agg, generator=gen)
+            with phase("owner re-encode"):
+                mine = down.encode(agg, generator=gen)
             if self.two_sided and ef:
                 self.server_ef.store(f"{key}/{st['r']}", agg, down.decode(mine, chunk))
             outbox = torch.empty(world, mine.numel(), dtype=torch.uint8, device=x.device)
@@ -252,16 +278,20 @@ class GradientReducer:
             )
 
         def finish_download(st: dict) -> None:
-            for q in st["reqs"]:
-                q.wait()
+            with phase("wait download"):
+                for q in st["reqs"]:
+                    q.wait()
             chunk, start, stop = st["chunk"], st["start"], st["stop"]
             full = chunk * world == stop - start
             dst = x[start:stop] if full else torch.empty(chunk * world, dtype=torch.float32, device=x.device)
-            for j in range(world):
-                # Every rank, the owner included, decodes the same bytes: replicas end bit-identical.
-                down.decode(
-                    st["mine"] if j == me else st["outbox"][j], chunk, out=dst[j * chunk : (j + 1) * chunk]
-                )
+            with phase("decode"):
+                for j in range(world):
+                    # Every rank, the owner included, decodes the same bytes: replicas end bit-identical.
+                    down.decode(
+                        st["mine"] if j == me else st["outbox"][j],
+                        chunk,
+                        out=dst[j * chunk : (j + 1) * chunk],
+                    )
             if not full:
                 x[start:stop].copy_(dst[: stop - start])
 
