@@ -48,7 +48,6 @@ class _Bucket:
     params: list[torch.Tensor]
     numel: int
     flat: torch.Tensor | None = None
-    waiting: int = 0  # hooks not yet fired in this backward
     fired: set[int] = field(default_factory=set)
 
 
