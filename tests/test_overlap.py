@@ -36,7 +36,7 @@ class Net(torch.nn.Module):
         self.bn = torch.nn.BatchNorm2d(8)
         self.conv2 = torch.nn.Conv2d(8, 16, 3, padding=1)
         self.fc = torch.nn.Linear(16 * 8 * 8, 10)
-        self.spare = torch.nn.Linear(4, 4)  # used only by the "unused" case's ranks... or not at all
+        self.spare = torch.nn.Linear(4, 4)  # used only in the "unused" case, by rank 1 on odd steps
 
     def forward(self, x, use_spare: bool = False):
         h = torch.relu(self.bn(self.conv1(x)))
