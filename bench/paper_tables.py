@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             )  # fmt: skip
         write_report(a, study.times)
         if not a.no_autoattack:
-            for row in all_rows:
+            for row in sorted(all_rows, key=_run_order):
                 if 1 not in row.tables:
                     continue
                 run = a.out / row.key

@@ -90,7 +90,7 @@ def out_folder(run_dir: Path, a) -> Path:
 
 def run_certification(a) -> dict | None:
     from .data.shards import load_index
-    from .evaluate import load_examples, select_indices
+    from .evaluate import load_examples, progress, select_indices
     from .export import load_exported
 
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -145,12 +145,7 @@ def run_certification(a) -> dict | None:
         rows = [[wanted[p], *row] for p, row in zip(chunks[c], rows, strict=True)]
         _write_rows(parts / f"chunk{c:06d}.tsv", rows, header)
         if rank == 0:
-            el = time.perf_counter() - t0
-            print(
-                f"certify: rank 0 chunk {k + 1}/{len(todo)} of its own ({len(chunks)} in all) | {el:.0f} s, "
-                f"about {el / (k + 1) * (len(todo) - k - 1):.0f} s left",
-                flush=True,
-            )
+            progress(f"certify: rank 0 chunk {c} ({len(chunks)} in all)", k + 1, len(todo), t0)
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:

@@ -208,8 +208,10 @@ class EvalConfig:
     pgd_step_size: float = 0.0  # 0: 2.5 * eps / steps (Madry)
     pgd_restarts: int = 1
     batch_size: int = 256  # per rank
+    split: str = "test"  # the split the per-epoch TA/RA monitor; "val" on a set made by data_prep.holdout
 
     def __post_init__(self) -> None:
+        _check(self.split != "train", "eval.split='train': monitor a held-out split ('test', or 'val')")
         for key in ("every_epochs", "pgd_steps", "pgd_restarts", "batch_size"):
             v = getattr(self, key)
             _check(v >= 1, f"eval.{key}={v} must be >= 1")
@@ -231,6 +233,7 @@ class TrainConfig:
     log_every: int = 0  # steps between progress lines (0: about 10 per epoch)
     max_steps_per_epoch: int = 0  # cap for smoke tests (0: a full pass)
     collective_timeout_s: float = 600.0  # a rank waiting longer than this for its peers stops the job
+    layer_stats_every: int = 0  # every N steps rank 0 logs each layer's norm and step (dat_ds/layer_stats.py)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
@@ -241,6 +244,10 @@ class TrainConfig:
             f"train.max_steps_per_epoch={self.max_steps_per_epoch} must be >= 0 (0: a full pass)",
         )
         _check(self.log_every >= 0, f"train.log_every={self.log_every} must be >= 0")
+        _check(
+            self.layer_stats_every >= 0,
+            f"train.layer_stats_every={self.layer_stats_every} must be >= 0 (0: off)",
+        )
         _check(
             self.collective_timeout_s >= 10,
             f"train.collective_timeout_s={self.collective_timeout_s} must be >= 10 (seconds)",
@@ -426,6 +433,7 @@ def load_config(recipe: str | Path | None, overrides: list[str] | tuple[str, ...
 RESUME_MAY_CHANGE = (
     "train.epochs",
     "train.log_every",
+    "train.layer_stats_every",
     "train.collective_timeout_s",
     "data.workers",
     "data.eval_limit",

@@ -107,6 +107,111 @@ class AttackSettings:
         return self.pgd_step_size or 2.5 * self.eps / self.pgd_steps
 
 
+def progress(what: str, done: int, todo: int, t0: float) -> None:
+    """A progress line of a chunked stage: how many of this rank's chunks are done, the time, the time left."""
+    el = time.perf_counter() - t0
+    print(
+        f"{what} | {done}/{todo} of its own to run | {el:.0f} s, about {el / done * (todo - done):.0f} s left",
+        flush=True,
+    )
+
+
+def eval_file_name(split: str) -> str:
+    """``eval.json`` for the test split (what reports and tables read); ``eval_<split>.json`` for another."""
+    return "eval.json" if split == "test" else f"eval_{split}.json"
+
+
+def result_keys(s: AttackSettings) -> list[str]:
+    return (
+        ["clean", "pgd", "pgd_short"]
+        + (["autoattack"] if s.autoattack else [])
+        + (["square"] if s.autoattack and s.square_check else [])
+    )
+
+
+class ChunkParts:
+    """Each chunk's per-example results, saved as it finishes, so that an interrupted evaluation (hours of
+    AutoAttack on ImageNet) resumes at the next chunk instead of starting over.
+
+    ``RUN_DIR/eval_parts/<tag>/`` holds one JSON file per (radius, chunk), written atomically by the rank that ran
+    it; ``tag`` hashes everything the results depend on (the model file's sha256, the attack settings at every
+    radius, the examples and the chunking), so a changed model or setting never reuses a stale result. A rank
+    reads back only the chunks it would run, so on hosts without a shared filesystem each host resumes its own;
+    with another world size a chunk found nowhere is simply run again. The folder is removed once ``eval.json``
+    is written."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        model_file: Path,
+        settings: list[AttackSettings],
+        wanted: list[int],
+        chunk: int,
+        split: str = "test",
+    ):
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(model_file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        key = {
+            "model_sha256": h.hexdigest(),
+            "settings": [st.__dict__ for st in settings],
+            "examples": hashlib.sha256(json.dumps(wanted).encode()).hexdigest(),
+            "n_examples": len(wanted),
+            "chunk": chunk,
+            "split": split,
+        }
+        self.keys = {st.eps: result_keys(st) for st in settings}
+        self.dir = (
+            run_dir / "eval_parts" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not (self.dir / "settings.json").is_file():
+            tmp = self.dir / f"settings.json.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(key, indent=1))
+            os.replace(tmp, self.dir / "settings.json")
+
+    def _file(self, eps: float, c: int) -> Path:
+        return self.dir / f"eps{eps:g}_chunk{c:06d}.json"
+
+    def load(self, eps: float, c: int, n: int) -> dict[str, torch.Tensor] | None:
+        f = self._file(eps, c)
+        if not f.is_file():
+            return None
+        try:
+            rec = json.loads(f.read_text())
+            out = {k: torch.tensor(rec[k], dtype=torch.bool) for k in self.keys[eps]}
+            if any(len(v) != n for v in out.values()):
+                raise ValueError(f"{n} examples expected")
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("evaluate: ignoring unreadable chunk result %s (%s); running that chunk again", f, e)
+            return None
+        return out
+
+    def save(self, eps: float, c: int, r: dict[str, torch.Tensor]) -> None:
+        f = self._file(eps, c)
+        tmp = f.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({k: v.int().tolist() for k, v in r.items()}))
+        os.replace(tmp, f)
+
+    def remove(self, radii: list[float], my_chunks: list[int]) -> None:
+        for eps in radii:
+            for c in my_chunks:
+                self._file(eps, c).unlink(missing_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
+            try:
+                self.dir.parent.rmdir()  # only when no other evaluation's results are in it
+            except OSError:
+                pass
+
+
 def chunk_results(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AttackSettings, seed: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
@@ -211,15 +316,17 @@ def _indices_of_files(names: list[str], indices_file: Path, shards: Path | None)
     return [where[Path(nm).name] for nm in names]
 
 
-def load_examples(index, wanted: list[int], mine: set[int], augment: str, image_size: int):
-    """Decode the test examples at positions ``mine`` of ``wanted``; returns {position: (x uint8, y)}."""
+def load_examples(
+    index, wanted: list[int], mine: set[int], augment: str, image_size: int, split: str = "test"
+):
+    """Decode the examples of ``split`` at positions ``mine`` of ``wanted``; returns {position: (x uint8, y)}."""
     from .data.shards import read_shard
     from .data.transforms import decode
 
     need = {wanted[p]: p for p in mine}  # test-split index -> position
     out = {}
     start = 0
-    for shard in index.split("test").shards:
+    for shard in index.split(split).shards:
         if any(g in need for g in range(start, start + shard.count)):
             for g, s in enumerate(read_shard(shard.url, shard.count), start=start):
                 if g in need:
@@ -248,6 +355,7 @@ def run_evaluation(
     eps_sweep: list[float],
     model_file: Path | None,
     sweep_autoattack: bool = False,
+    split: str = "test",
 ) -> dict:
     from .data.shards import load_index
     from .export import load_exported
@@ -267,21 +375,21 @@ def run_evaluation(
     model = inference_model(model)
     cfg = json.loads(meta["config"])
     index = load_index(cfg["data"]["shards"])
-    total = index.split("test").count
+    if split not in index.splits:
+        raise SystemExit(
+            f"--split {split}: {cfg['data']['shards']} has the splits {sorted(index.splits)} (a validation split "
+            "comes from: python -m data_prep.holdout SRC OUT --n N, and training on OUT)"
+        )
+    total = index.split(split).count
     wanted = select_indices(total, n, s.seed, indices_file, Path(cfg["data"]["shards"]))
     chunks = [list(range(i, min(i + chunk, len(wanted)))) for i in range(0, len(wanted), chunk)]
     my_chunks = [c for c in range(len(chunks)) if c % world == rank]
-    mine = {p for c in my_chunks for p in chunks[c]}
-    data = load_examples(
-        index, wanted, mine, cfg["data"]["augment"], cfg["data"]["image_size"] or index.image_size
-    )
+    radii = [s.eps, *[e for e in eps_sweep if e != s.eps]]
 
-    results: dict[float, dict[str, torch.Tensor]] = {}
-    t0 = time.perf_counter()
-    for eps in [s.eps, *[e for e in eps_sweep if e != s.eps]]:
+    def settings_at(eps: float) -> AttackSettings:
         # The sweep's other radii get clean and PGD only, unless --sweep-autoattack asks for AutoAttack too.
         full = eps == s.eps or sweep_autoattack
-        se = AttackSettings(
+        return AttackSettings(
             **{
                 **s.__dict__,
                 "eps": eps,
@@ -289,19 +397,44 @@ def run_evaluation(
                 "square_check": s.square_check and eps == s.eps,
             }
         )
+
+    parts = ChunkParts(run_dir, path, [settings_at(e) for e in radii], wanted, chunk, split)
+    todo = {(e, c) for e in radii for c in my_chunks if parts.load(e, c, len(chunks[c])) is None}
+    data = load_examples(
+        index,
+        wanted,
+        {p for _, c in todo for p in chunks[c]},
+        cfg["data"]["augment"],
+        cfg["data"]["image_size"] or index.image_size,
+        split,
+    )
+    if rank == 0 and len(todo) < len(radii) * len(my_chunks):
+        print(
+            f"evaluate: resuming, {len(radii) * len(my_chunks) - len(todo)} of rank 0's "
+            f"{len(radii) * len(my_chunks)} chunk results found in {parts.dir}",
+            flush=True,
+        )
+
+    results: dict[float, dict[str, torch.Tensor]] = {}
+    t0 = time.perf_counter()
+    done = 0
+    for eps in radii:
+        se = settings_at(eps)
         flags = {}
         for c in my_chunks:
-            x = torch.stack([data[p][0] for p in chunks[c]]).float().div_(255)
-            y = torch.tensor([data[p][1] for p in chunks[c]])
-            r = chunk_results(model, x, y, se, s.seed + c, device)
+            r = parts.load(eps, c, len(chunks[c]))
+            if r is None:
+                x = torch.stack([data[p][0] for p in chunks[c]]).float().div_(255)
+                y = torch.tensor([data[p][1] for p in chunks[c]])
+                r = chunk_results(model, x, y, se, s.seed + c, device)
+                parts.save(eps, c, r)
+                done += 1
+                if rank == 0:
+                    progress(f"evaluate: rank 0 eps {eps:g} chunk {c}", done, len(todo), t0)
             for k, v in r.items():
                 flags.setdefault(k, torch.zeros(len(wanted), dtype=torch.int64))[chunks[c]] = v.long()
         # Every rank fills its own chunks; a sum over ranks assembles the per-example table.
-        keys = (
-            ["clean", "pgd", "pgd_short"]
-            + (["autoattack"] if se.autoattack else [])
-            + (["square"] if se.autoattack and se.square_check else [])
-        )
+        keys = result_keys(se)
         table = torch.stack([flags.get(k, torch.zeros(len(wanted), dtype=torch.int64)) for k in keys])
         if dist.is_initialized():
             if dist.get_backend() == "nccl":
@@ -309,6 +442,12 @@ def run_evaluation(
             dist.all_reduce(table)
         results[eps] = {k: table[i].cpu().bool() for i, k in enumerate(keys)}
     seconds = time.perf_counter() - t0
+    resumed = torch.tensor([len(radii) * len(my_chunks) - len(todo)])
+    if dist.is_initialized() and dist.get_backend() != "nccl":
+        dist.all_reduce(resumed)
+    elif dist.is_initialized():
+        resumed = resumed.cuda()
+        dist.all_reduce(resumed)
 
     main_res = results[s.eps]
     acc = {k: v.float().mean().item() for k, v in main_res.items()}
@@ -319,8 +458,10 @@ def run_evaluation(
         "pgd_short_acc": acc["pgd_short"],
         "square_acc": acc.get("square"),
         "n_examples": len(wanted),
+        "split": split,
         "world_size": world,
-        "eval_time_s": seconds,
+        "eval_time_s": seconds,  # this process's run: chunks found done are not counted
+        "chunks_resumed": int(resumed.item()),
         "attacks": {
             "norm": "Linf",
             "eps": s.eps,
@@ -345,14 +486,19 @@ def run_evaluation(
         "model": str(path),
     }
     if rank == 0:
-        tmp = run_dir / "eval.json.tmp"
+        name = eval_file_name(split)
+        tmp = run_dir / f"{name}.tmp"
         tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, run_dir / "eval.json")
+        os.replace(tmp, run_dir / name)
         from .plots import plot_acc_vs_eps, plot_curves
 
-        plot_curves(run_dir)
-        if len(results) > 1:
-            plot_acc_vs_eps(run_dir, report["per_eps"])
+        if split == "test":
+            plot_curves(run_dir)
+            if len(results) > 1:
+                plot_acc_vs_eps(run_dir, report["per_eps"])
+    if dist.is_initialized():
+        dist.barrier()  # eval.json is written: the chunk results are no longer needed
+    parts.remove(radii, my_chunks)
     return report
 
 
@@ -379,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         help="file of test-split indices, or of file names (RobustBench's ImageNet list), to evaluate",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--split",
+        default="test",
+        help="the split to evaluate: test (eval.json), or val from data_prep.holdout (eval_val.json)",
+    )
     p.add_argument("--chunk", type=int, default=100, help="examples per chunk (the unit of work and seeding)")
     p.add_argument("--eps-sweep", default="", help="comma-separated extra radii for the accuracy-vs-eps plot")
     p.add_argument(
@@ -413,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         eps_sweep=sweep,
         model_file=a.model,
         sweep_autoattack=a.sweep_autoattack,
+        split=a.split,
     )
     if not dist.is_initialized() or dist.get_rank() == 0:
         aa = report["autoattack_acc"]

@@ -70,6 +70,11 @@ def make_plan(cfg: RunConfig, world: int) -> Plan:
     labeled_batch = (
         cfg.train.global_batch_size // cfg.train.micro_batch_size * (cfg.train.micro_batch_size - u)
     )
+    if cfg.eval.split not in index.splits:
+        raise ConfigError(
+            f"eval.split={cfg.eval.split!r}: {cfg.data.shards} has the splits {sorted(index.splits)}; make a "
+            "validation split with: python -m data_prep.holdout SRC OUT --n N"
+        )
     try:
         steps = batches_per_epoch(index.split("train").count, labeled_batch)
         if u:
@@ -243,6 +248,7 @@ class Session:
     comm_mark: Any = None  # reducer counters when this epoch (or its resumed part) began
     reduce_mark: Any = None  # the same, for the exactly-once check of this process's steps
     resumed_steps: int = 0  # steps of the current epoch done before this process started it
+    layer_stats: Any = None  # rank 0's per-layer step log, when train.layer_stats_every is set
 
     @property
     def image_size(self) -> int:
@@ -445,9 +451,18 @@ def open_outputs(s: Session) -> None:
         if s.rank == 0
         else NullTracker()
     )
+    if s.rank == 0 and cfg.train.layer_stats_every:
+        from .layer_stats import LayerStats
+
+        s.layer_stats = LayerStats(
+            s.engine.module,
+            cfg.train.layer_stats_every,
+            cfg.run_dir / "layer_stats.jsonl",
+            s.state.global_step,
+        )
     s.eval_loader = make_eval_loader(
         s.plan.index,
-        "test",
+        cfg.eval.split,
         rank=s.rank,
         world=s.world,
         augment=cfg.data.augment,
@@ -477,13 +492,18 @@ def train_epoch(s: Session) -> None:
     s.engine.train()
     t_seg = time.perf_counter()
     micro = state.step_in_epoch * plan.grad_accum
+    stats = s.layer_stats
     for batch in train_batches(cfg, plan, state.epoch, state.step_in_epoch, s.rank, s.image_size, s.pin):
+        if stats is not None and (micro + 1) % plan.grad_accum == 0:
+            stats.before_step(state.global_step + 1, s.engine.get_lr()[0])
         train_step(s.engine, batch, cfg, state)
         micro += 1
         if micro % plan.grad_accum:
             continue
         state.step_in_epoch += 1
         state.global_step += 1
+        if stats is not None:
+            stats.after_step(state.global_step)
         if s.rank == 0 and (
             state.step_in_epoch % log_every == 0 or state.step_in_epoch == plan.steps_per_epoch
         ):

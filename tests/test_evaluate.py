@@ -113,6 +113,61 @@ def test_two_ranks_equal_one_process(trained_run, tmp_path):
     assert a["autoattack"] <= a["pgd"] <= a["clean"]
     assert dist["autoattack_acc"] == a["autoattack"] and dist["attacks"]["pgd_steps"] == 5
     assert (trained_run / "curves.png").is_file() and (trained_run / "acc_vs_eps.png").is_file()
+    assert not (trained_run / "eval_parts").exists(), "chunk results are removed once eval.json is written"
+
+
+def test_interrupted_evaluation_resumes_at_the_next_chunk(trained_run, tmp_path, monkeypatch, caplog):
+    """An evaluation stopped mid-way (a crash in chunk 5 of 6) keeps the chunks it finished; the re-run computes
+    only the rest and reports exactly what an uninterrupted run reports. A changed setting or model never reuses
+    them, and a damaged chunk file is run again rather than trusted."""
+    import shutil
+
+    from dat_ds import evaluate as ev
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in ("config.json", "metrics.jsonl", "model.safetensors"):
+        shutil.copy(trained_run / f, run / f)
+    real = ev.chunk_results
+    calls = []
+
+    def counted(*a, fail_at=None, **k):
+        calls.append(a[4])  # the chunk's seed
+        if fail_at is not None and len(calls) == fail_at:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    settings = ev.AttackSettings(eps=0.1, pgd_steps=3, pgd_restarts=1, autoattack=False, seed=0)
+    kw = dict(n=24, indices_file=None, chunk=8, eps_sweep=[0.05], model_file=None)  # 3 chunks x 2 radii
+
+    monkeypatch.setattr(ev, "chunk_results", lambda *a, **k: counted(*a, fail_at=5, **k))
+    with pytest.raises(RuntimeError, match="killed"):
+        ev.run_evaluation(run, settings, **kw)
+    (parts,) = (run / "eval_parts").iterdir()
+    assert len(list(parts.glob("eps*_chunk*.json"))) == 4 and not (run / "eval.json").exists()
+
+    # another setting: nothing reused, its own folder
+    calls.clear()
+    monkeypatch.setattr(ev, "chunk_results", lambda *a, **k: counted(*a, fail_at=1, **k))
+    with pytest.raises(RuntimeError):
+        ev.run_evaluation(run, ev.AttackSettings(**{**settings.__dict__, "pgd_steps": 4}), **kw)
+    assert len(list((run / "eval_parts").iterdir())) == 2
+
+    (parts / "eps0.1_chunk000001.json").write_text('{"clean": [1, 0')  # damaged
+    calls.clear()
+    monkeypatch.setattr(ev, "chunk_results", counted)
+    with caplog.at_level("WARNING", logger="dat_ds"):
+        resumed = ev.run_evaluation(run, settings, **kw)
+    assert len(calls) == 3, "chunk 1 again (damaged), then the two the crash left"
+    assert "unreadable chunk result" in caplog.text
+    assert resumed["chunks_resumed"] == 3
+    assert not parts.exists(), "removed once eval.json is written"
+
+    calls.clear()
+    fresh = ev.run_evaluation(run, settings, **kw)
+    assert len(calls) == 6 and fresh["chunks_resumed"] == 0
+    assert fresh["per_eps"] == resumed["per_eps"]
+    assert 0 < fresh["per_eps"]["0.1"]["pgd"] < fresh["per_eps"]["0.1"]["clean"]
 
 
 def test_sanity_flags():
@@ -182,3 +237,53 @@ def test_robust_accuracy_agrees_in_bf16_and_fp32(trained_run, digits_dir):
     assert 0.2 < ra32 < ta32, "a model with some robustness to compare"
     se = (ra32 * (1 - ra32) / 360) ** 0.5
     assert abs(ta16 - ta32) <= 0.02 and abs(ra16 - ra32) <= 2 * se, (accs, se)
+
+
+def test_a_held_out_validation_split_is_trained_beside_and_evaluated_alone(trained_run, digits_dir, tmp_path):
+    """data_prep.holdout moves N seeded training samples into a val split (disjoint, nothing lost, test unchanged);
+    training checks eval.split names a split it has, and the evaluation command scores val into its own file."""
+    from dat_ds.config import ConfigError
+    from dat_ds.data.shards import SampleReader
+    from dat_ds.evaluate import AttackSettings, run_evaluation
+    from dat_ds.export import load_exported
+    from dat_ds.train import make_plan
+    from data_prep.holdout import make_holdout
+
+    src = load_index(digits_dir)
+    out = tmp_path / "digits_val"
+    make_holdout(digits_dir, out, 60, seed=1, per_shard=500)
+    held = load_index(out)
+    tr, va = held.split("train"), held.split("val")
+    assert (tr.count, va.count, held.split("test").count) == (src.split("train").count - 60, 60, 360)
+    keys = {
+        sp: [SampleReader(held.split(sp))[i].key for i in range(held.split(sp).count)]
+        for sp in ("train", "val")
+    }
+    ids = {sp: {int(k[1:]) for k in ks} for sp, ks in keys.items()}
+    assert ids["train"].isdisjoint(ids["val"]) and ids["train"] | ids["val"] == set(
+        range(src.split("train").count)
+    )
+    assert sorted(ids["val"]) == json.loads((out / "index.json").read_text())["val_ids"]
+    assert held.mean == src.mean
+    with pytest.raises(SystemExit, match="already holds"):
+        make_holdout(digits_dir, out, 60, seed=1, per_shard=500)
+
+    with pytest.raises(ConfigError, match="data_prep.holdout"):
+        make_plan(
+            load_config("recipes/digits_dat_pgd.toml", [f'data.shards="{digits_dir}"', 'eval.split="val"']), 2
+        )
+    make_plan(load_config("recipes/digits_dat_pgd.toml", [f'data.shards="{out}"', 'eval.split="val"']), 2)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    model, _ = load_exported(trained_run / "model.safetensors", torch.device("cpu"))
+    cfg = load_config("recipes/digits_dat_pgd.toml", [f'data.shards="{out}"'])
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    export_safetensors(model, cfg, held, run / "model.safetensors")
+    s = AttackSettings(eps=0.1, pgd_steps=2, pgd_restarts=1, autoattack=False)
+    kw = dict(n=0, indices_file=None, chunk=32, eps_sweep=[], model_file=None)
+    rep = run_evaluation(run, s, split="val", **kw)
+    assert rep["n_examples"] == 60 and rep["split"] == "val"
+    assert (run / "eval_val.json").is_file() and not (run / "eval.json").exists()
+    with pytest.raises(SystemExit, match="data_prep.holdout"):
+        run_evaluation(run, s, split="valid", **kw)

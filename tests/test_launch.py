@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import dat_ds.models  # noqa: F401  (registers dat_digits_cnn with timm)
+from dat_ds.layer_stats import read_layer_stats
 from tests.conftest import (
     REPO,
     VENV_BIN,
@@ -96,6 +97,7 @@ def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tmp_path, digits_dir,
         "train.deterministic=true",
         "checkpoint.every_steps=4",
         "attack.steps=3",
+        "train.layer_stats_every=2",
         *mode,
     ]
     ref = run_launcher(
@@ -125,6 +127,9 @@ def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tmp_path, digits_dir,
     wa = load_file(tmp_path / "ref" / "model.safetensors")
     wb = load_file(tmp_path / "killed" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the per-layer log: every second step once, the lines written after step 16 by the killed process dropped
+    sa, sb = (read_layer_stats(tmp_path / r / "layer_stats.jsonl") for r in ("ref", "killed"))
+    assert [r["step"] for r in sb] == list(range(2, 34, 2)) and sa == sb
 
 
 def test_three_ranks(tmp_path, digits_dir):
@@ -156,6 +161,7 @@ def test_lalr_with_8bit_two_sided_compression_and_accumulation(tmp_path, digits_
         "attack.steps=2",
         'optim.name="lalr"',
         "optim.lr=0.01",
+        "train.layer_stats_every=1",
         'comm.topology="ps"',
         "comm.bits=8",
         "comm.two_sided=true",
@@ -164,6 +170,17 @@ def test_lalr_with_8bit_two_sided_compression_and_accumulation(tmp_path, digits_
     )
     proc = run_launcher(tmp_path, "digits_dat_pgd.toml", ov, port=29651)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # LALR's rule, seen in the weights the run produced: each adapted tensor moved by lr * tau(||theta||) (c_u = 10
+    # here; ||theta|| before the step is within lr of ||theta|| after it), whatever its gradient's size.
+    stats = read_layer_stats(tmp_path / "lalr8" / "layer_stats.jsonl")
+    assert [r["step"] for r in stats] == list(range(1, 23))
+    checked = 0
+    for r in stats:
+        for name, (w, d) in r["layers"].items():
+            if r["lr"] > 0 and w > 0.05:  # too small a tensor: the 1e-6 Adam epsilon and rounding dominate
+                assert abs(d / (r["lr"] * min(w, 10.0)) - 1) < 0.03, (r["step"], name, w, d, r["lr"])
+                checked += 1
+    assert checked > 100
     for r in read_metrics(tmp_path / "lalr8"):
         assert r["replicas_identical"] is True
         assert r["grad_values_reduced_per_step"] == DIGITS_CNN_PARAMS and r["reduce_calls_per_step"] == 1
