@@ -443,10 +443,8 @@ def run_evaluation(
         results[eps] = {k: table[i].cpu().bool() for i, k in enumerate(keys)}
     seconds = time.perf_counter() - t0
     resumed = torch.tensor([len(radii) * len(my_chunks) - len(todo)])
-    if dist.is_initialized() and dist.get_backend() != "nccl":
-        dist.all_reduce(resumed)
-    elif dist.is_initialized():
-        resumed = resumed.cuda()
+    if dist.is_initialized():
+        resumed = resumed.cuda() if dist.get_backend() == "nccl" else resumed
         dist.all_reduce(resumed)
 
     main_res = results[s.eps]
