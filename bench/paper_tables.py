@@ -142,13 +142,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _pct(vals: list, digits: int = 2) -> str:
+    n = len(vals)
     vals = [v for v in vals if v is not None]
     if not vals:
         return "–"
     if len(vals) == 1:
-        return f"{100 * vals[0]:.{digits}f}"
+        return f"{100 * vals[0]:.{digits}f}" + (f" (1 of {n} seeds so far)" if n > 1 else "")
     mean = sum(vals) / len(vals)
     return f"{100 * mean:.{digits}f} ({' / '.join(f'{100 * v:.{digits}f}' for v in vals)})"
+
+
+def _secs(vals: list) -> str:
+    vals = [v for v in vals if v == v]  # drop NaN: stages not run yet
+    return f"{sum(vals) / len(vals):.0f}" if vals else "–"
 
 
 def write_report(a, times: dict) -> None:
@@ -163,13 +169,14 @@ def write_report(a, times: dict) -> None:
             s["theory"] = recs[-1]["data_mb_per_iter_theory"]
             s["steps"] = recs[-1]["steps"]
             s["row_s"] = times.get(f"train_{row.key}", float("nan")) + times.get(f"eval_{row.key}", 0.0)
+            s["aa_s"] = times.get(f"autoattack_{row.key}", float("nan"))
             done[row.key] = (row, s)
     groups: dict[tuple[int, str], list] = {}
     for row, s in done.values():
         for t in row.tables:
             groups.setdefault((t, row.label if t == 1 else row.key), []).append((row, s))
-    t1 = ["| method | p×q | batch | steps | TA % | RA % (PGD-50×5) | AA % | C (s/epoch) | T (s/epoch) | seeds | train + eval (s) |",
-          "|" + "---|" * 11]  # fmt: skip
+    t1 = ["| method | p×q | batch | steps | TA % | RA % (PGD-50×5) | AA % | C (s/epoch) | T (s/epoch) | seeds | train + eval (s) | AutoAttack (s) |",
+          "|" + "---|" * 12]  # fmt: skip
     t4 = ["| aggregation | TA % | RA % (PGD-50×5) | C (s/epoch) | T (s/epoch) | MB/iter measured | MB/iter theory | measured/theory |",
           "|" + "---|" * 8]  # fmt: skip
     for (t, _), members in groups.items():
@@ -183,7 +190,7 @@ def write_report(a, times: dict) -> None:
             t1.append(
                 f"| {row.label} | 1×{row.ranks} | {row.batch} | {s['steps']} | {_pct([x['TA'] for x in ss])} | "
                 f"{_pct([x['RA'] for x in ss])} | {_pct([x['AA'] for x in ss])} | {mean('C'):.2f} | {mean('T'):.1f} | "
-                f"{len(ss)} | {mean('row_s'):.0f} |"
+                f"{len(ss)} | {mean('row_s'):.0f} | {_secs([x['aa_s'] for x in ss])} |"
             )
         else:
             name = (
@@ -226,26 +233,40 @@ def plot(path: Path, groups: dict) -> None:
 
     fig, (a1, a4) = plt.subplots(1, 2, figsize=(12, 4.2))
     t1 = [(row.label, [s for _, s in m]) for (t, _), m in groups.items() if t == 1 for row in [m[0][0]]]
+    labelled: set[str] = set()
     for i, (_label, ss) in enumerate(t1):
-        for k, (key, color) in enumerate((("TA", "C0"), ("RA", "C3"))):
+        for k, (key, color) in enumerate((("TA", "C0"), ("RA", "C3"), ("AA", "C4"))):
             vals = [100 * x[key] for x in ss if x[key] is not None]
             if not vals:
                 continue
             a1.bar(
-                i + (k - 0.5) * 0.38, sum(vals) / len(vals), 0.36, color=color, label=key if i == 0 else None
+                i + (k - 1) * 0.27,
+                sum(vals) / len(vals),
+                0.25,
+                color=color,
+                label=None if key in labelled else key,
             )
-            a1.plot([i + (k - 0.5) * 0.38] * len(vals), vals, "k.", ms=4)  # each seed
+            labelled.add(key)
+            a1.plot([i + (k - 1) * 0.27] * len(vals), vals, "k.", ms=4)  # each seed
     a1.set_xticks(range(len(t1)), [lab.replace(", ", "\n") for lab, _ in t1], fontsize=7)
-    lo = min((100 * x["RA"] for _, ss in t1 for x in ss if x["RA"] is not None), default=0)
-    a1.set(ylabel="accuracy (%)", title="Table 1 (dots: seeds)", ylim=(max(0, lo - 10), 100))
-    a1.legend()
+    lo = min((100 * x[k] for _, ss in t1 for x in ss for k in ("RA", "AA") if x[k] is not None), default=0)
+    a1.set(
+        ylabel="accuracy (%)",
+        title="Table 1: TA, RA (PGD-50×5), AA (dots: seeds)",
+        ylim=(max(0, lo - 10), 110),
+    )
+    a1.legend(loc="upper center", ncol=3, fontsize=8)
     a1.grid(alpha=0.3, axis="y")
     t4 = [(row, m[0][1]) for (t, _), m in groups.items() if t == 4 for row in [m[0][0]]]
     for row, s in t4:
         name = "hpc-32" if row.key == "pgd_8b_lalr_s0" else row.label.split(", ")[-1]
         a4.scatter(s["MB/iter"], 100 * s["RA"], color="C3")
         a4.annotate(
-            name, (s["MB/iter"], 100 * s["RA"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            name,
+            (s["MB/iter"], 100 * s["RA"]),
+            fontsize=7,
+            xytext=(3, -10 if name == "hpc-32" else 3),
+            textcoords="offset points",
         )
     a4.set(xscale="log", xlabel="MB per iteration (measured, per rank sent + received)", ylabel="RA (%)",
            title="Table 4: robustness against bytes")  # fmt: skip
