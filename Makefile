@@ -12,7 +12,7 @@ NPROC ?= 2
 # check is left to `python -m dat_ds.evaluate` runs, it would double the demo's evaluation time.
 DEMO_EVAL ?= --chunk 180 --no-square-check --eps-sweep 0.1,0.3
 
-.PHONY: setup demo test test-fast test-cluster lint bench clean study-semisup study-smoothing
+.PHONY: setup demo test test-fast test-cluster lint bench clean study-semisup study-smoothing cifar10
 
 setup: $(STAMP)
 
@@ -37,6 +37,23 @@ data/mnist/index.json: | $(STAMP)
 
 data/mnist_l100/index.json: data/mnist/index.json
 	$(PY) -m data_prep.unlabeled split data/mnist data/mnist_l100 data/mnist_u --per-class 100 --seed 0
+
+# CIFAR-10 as 60,000 JPEGs (../shared/data/README.md), checked against its sha256, then converted with the bytes
+# kept (data_prep.folders); and a validation split of 5,000 training images held out for tuning.
+CIFAR10_JPEG ?= ../shared/data/cifar10-jpeg.tar.gz
+CIFAR10_JPEG_SHA256 := efac85c8ed52f4ead1e1f1b670d8dcf435d551fccebdd8b6365e0a01a504f3a4
+CIFAR10_CLASSES := airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck
+
+data/cifar10/index.json: | $(STAMP)
+	@test -f $(CIFAR10_JPEG) || { echo "$(CIFAR10_JPEG) is missing: set CIFAR10_JPEG=path/to/cifar10-jpeg.tar.gz"; exit 1; }
+	@echo "$(CIFAR10_JPEG_SHA256)  $(CIFAR10_JPEG)" | sha256sum -c --quiet - || { echo "$(CIFAR10_JPEG) is not the published file (sha256 differs): fetch it again"; exit 1; }
+	rm -rf .cache/cifar10-jpeg && mkdir -p .cache/cifar10-jpeg && tar xzf $(CIFAR10_JPEG) -C .cache/cifar10-jpeg
+	$(PY) -m data_prep.folders .cache/cifar10-jpeg/cifar10-jpeg data/cifar10 --classes $(CIFAR10_CLASSES) --name cifar10-jpeg --shard-mb 16
+
+data/cifar10_val/index.json: data/cifar10/index.json
+	$(PY) -m data_prep.holdout data/cifar10 data/cifar10_val --n 5000 --seed 0
+
+cifar10: data/cifar10/index.json data/cifar10_val/index.json
 
 # The semi-supervised study (docs/semisup_mnist.md): every stage, resumable.
 study-semisup: data/mnist_l100/index.json

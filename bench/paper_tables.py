@@ -1,20 +1,25 @@
-"""The paper's Tables 1 and 4 on MNIST: large-batch DAT with and without LALR, DAT-FGSM against DAT-PGD, and the
-aggregation bit widths, every row a real run through the deepspeed launcher on this machine.
+"""The paper's Tables 1 and 4 on MNIST: large-batch DAT with and without LALR, against both baselines (the official
+code's unscaled LR and dat-ds's linearly scaled one), DAT-FGSM as the official code trains it, and the aggregation
+bits with both quantizers (the paper's and dat-ds's), every row a real run through the deepspeed launcher.
 
     python -m bench.paper_tables                 # every stage; an interrupted study resumes where it stopped
     python -m bench.paper_tables --no-autoattack # tables without the AA column (AutoAttack is most of the time)
 
 All rows train recipes/mnist_paper_tables.toml (dat_mnist_cnn, all 60,000 MNIST images, 2 epochs, eps = 0.2,
-DAT's CE(clean) + CE(adv), cosine after a half-epoch warm-up) and differ only in what the row names. The LR rule was
-fixed before any row ran and nothing is tuned on the test images:
+cosine after a half-epoch warm-up) with the official code's attack and loss (docs/fidelity.md): PGD-3 (step 0.1)
+with BatchNorm in eval mode, the random start not clamped, CE(clean) + CE(adv); FGSM as its --fast branch (train-mode
+BatchNorm, CE(adv) alone, step 1.25 eps). Rows differ only in what they name. The LRs were fixed before any row ran
+and nothing is tuned on the test images:
   * single worker, batch B = 64: SGD (momentum 0.9) at lr 0.05;
-  * DAT at 8B = 512 (2 ranks x 256): SGD with the LR scaled linearly from B (0.4), or LALR at 0.02 per 64 images
-    scaled by the square root (0.057; Adam moments, c_l = 0, c_u = 10, weight decay 1e-4: the rule of
-    bench/lalr_study.py, as the official DAT code's LAMB settings);
-  * PGD rows train with PGD-3 (step 0.1), FGSM rows with FGSM from a random start (step 1.25 eps, Fast AT).
-Table 1: AT and Fast AT on one worker at B; DAT-PGD and DAT-FGSM at 8B without and with LALR (the DAT-PGD pair with
-seeds 0 and 1). Table 4: DAT-PGD + LALR at 8B with the aggregation at 32 bits (ring all-reduce, and the sharded
-parameter server), 16, 8, 8 two-sided and 4 two-sided bits.
+  * DAT at 8B = 512 (2 ranks x 256), official baseline: SGD at the same 0.05 (the official code scales nothing);
+  * dat-ds's option: SGD scaled linearly from B (0.4);
+  * LALR, official: the official LAMB (no bias correction, weight decay 1e-4 on every tensor, c_u = 10) at lr 0.02,
+    the LR of bench/lalr_study.py's rule at B, unscaled;
+  * LALR, dat-ds's option: Adam's bias correction, weight decay on weights only, 0.02 scaled by sqrt(8) (0.057).
+Table 1: AT and Fast AT on one worker at B; DAT-PGD at 8B under the four optimizers (two seeds where two rows are
+compared), DAT-FGSM at 8B. Table 4: DAT-PGD + the official LALR at 8B with the aggregation at 32 bits (ring
+all-reduce, and the sharded parameter server), then 16, 8, 8 two-sided and 4 two-sided bits with the paper's
+quantizer (qsgd: an l2-norm scale per tensor, stochastic rounding) and with dat-ds's (a scale per 512 values).
 Evaluation: dat_ds.evaluate on the same 1,000 test images (random subset, seed 0), PGD-50 x 5 restarts, and for
 Table 1 AutoAttack (standard).
 """
@@ -30,10 +35,26 @@ from pathlib import Path
 from bench.runs import BIN, REPO, Stages, ds_cmd
 
 B = 64
-SGD = ['optim.name="sgd"', "optim.lr=0.05", 'optim.lr_scale="linear"', f"optim.lr_ref_batch={B}"]
-LALR = ['optim.name="lalr"', "optim.lr=0.02", 'optim.lr_scale="sqrt"', f"optim.lr_ref_batch={B}",
-        "optim.weight_decay=1e-4", "optim.c_lower=0.0", "optim.c_upper=10.0"]  # fmt: skip
-FGSM = ['attack.method="fgsm"']
+OFFICIAL_ATTACK = ['attack.bn_mode="eval"', "attack.start_in_box=false", "loss.clean_weight=1.0"]
+OFFICIAL_FGSM = ['attack.method="fgsm"', 'attack.bn_mode="train"', "attack.start_in_box=false",
+                 "loss.clean_weight=0.0"]  # fmt: skip
+SGD = ['optim.name="sgd"', "optim.lr=0.05", f"optim.lr_ref_batch={B}"]
+SGD_UNSCALED = [*SGD, 'optim.lr_scale="none"']
+SGD_SCALED = [*SGD, 'optim.lr_scale="linear"']
+LALR = ['optim.name="lalr"', "optim.lr=0.02", f"optim.lr_ref_batch={B}", "optim.weight_decay=1e-4",
+        "optim.c_lower=0.0", "optim.c_upper=10.0"]  # fmt: skip
+LALR_OFFICIAL = [
+    *LALR,
+    'optim.lr_scale="none"',
+    "optim.bias_correction=false",
+    "optim.wd_on_norm_and_bias=true",
+]
+LALR_DSBEST = [
+    *LALR,
+    'optim.lr_scale="sqrt"',
+    "optim.bias_correction=true",
+    "optim.wd_on_norm_and_bias=false",
+]
 
 
 @dataclass
@@ -45,6 +66,7 @@ class Row:
     overrides: list[str] = field(default_factory=list)
     seed: int = 0
     tables: tuple[int, ...] = (1,)
+    source: str = "official"  # "official": the official code's setting; "dat-ds": a dat-ds option
 
     @property
     def micro(self) -> int:
@@ -52,41 +74,51 @@ class Row:
 
 
 def rows() -> list[Row]:
+    pgd, fgsm = OFFICIAL_ATTACK, OFFICIAL_FGSM
     out = [
-        Row("at_b", "AT (1 worker, B)", 1, B, SGD),
-        Row("fastat_b", "Fast AT (1 worker, B)", 1, B, SGD + FGSM),
+        Row("at_b", "AT (1 worker, B)", 1, B, pgd + SGD_UNSCALED),
+        Row("fastat_b", "Fast AT (1 worker, B)", 1, B, fgsm + SGD_UNSCALED),
     ]
     for seed in (0, 1):
-        out.append(Row(f"pgd_8b_sgd_s{seed}", "DAT-PGD 8B, SGD", 2, 8 * B, SGD, seed))
-        out.append(
-            Row(
-                f"pgd_8b_lalr_s{seed}",
-                "DAT-PGD 8B, LALR",
-                2,
-                8 * B,
-                LALR,
-                seed,
-                (1, 4) if seed == 0 else (1,),
-            )
-        )
-    out.append(Row("fgsm_8b_sgd", "DAT-FGSM 8B, SGD", 2, 8 * B, SGD + FGSM))
-    out.append(Row("fgsm_8b_lalr", "DAT-FGSM 8B, LALR", 2, 8 * B, LALR + FGSM))
-    for bits, two, topo in (
-        (32, False, "ps"),
-        (16, False, "ps"),
-        (8, False, "ps"),
-        (8, True, "ps"),
-        (4, True, "ps"),
+        out += [
+            Row(f"pgd_8b_sgd_s{seed}", "DAT-PGD 8B, SGD (lr 0.05, unscaled)", 2, 8 * B, pgd + SGD_UNSCALED, seed),
+            Row(f"pgd_8b_sgdx8_s{seed}", "DAT-PGD 8B, SGD (lr x 8, linear)", 2, 8 * B, pgd + SGD_SCALED, seed,
+                source="dat-ds"),
+            Row(f"pgd_8b_lalr_s{seed}", "DAT-PGD 8B, LALR (official LAMB)", 2, 8 * B, pgd + LALR_OFFICIAL, seed,
+                (1, 4) if seed == 0 else (1,)),
+        ]  # fmt: skip
+    out += [
+        Row("pgd_8b_lalr_bc", "DAT-PGD 8B, LALR (bias correction, lr x sqrt 8)", 2, 8 * B, pgd + LALR_DSBEST,
+            source="dat-ds"),
+        Row("fgsm_8b_sgd", "DAT-FGSM 8B, SGD (lr 0.05, unscaled)", 2, 8 * B, fgsm + SGD_UNSCALED),
+        Row("fgsm_8b_lalr", "DAT-FGSM 8B, LALR (official LAMB)", 2, 8 * B, fgsm + LALR_OFFICIAL),
+    ]  # fmt: skip
+    for bits, two, topo, codec in (
+        (32, False, "ps", "block"),
+        (16, False, "ps", "qsgd"),
+        (8, False, "ps", "qsgd"),
+        (8, True, "ps", "qsgd"),
+        (4, True, "ps", "qsgd"),
+        (16, False, "ps", "block"),
+        (8, False, "ps", "block"),
+        (8, True, "ps", "block"),
+        (4, True, "ps", "block"),
     ):
-        name = f"{bits}{'-2s' if two else ''}-{topo}"
-        comm = [f"comm.bits={bits}", f"comm.two_sided={str(two).lower()}", f'comm.topology="{topo}"']
-        out.append(Row(f"pgd_8b_lalr_{name}", f"DAT-PGD 8B, LALR, {name}", 2, 8 * B, LALR + comm, 0, (4,)))
+        name = f"{bits}{'-2s' if two else ''}-{topo}" + (f"-{codec}" if bits < 32 else "")
+        comm = [f"comm.bits={bits}", f"comm.two_sided={str(two).lower()}", f'comm.topology="{topo}"',
+                f'comm.codec="{codec}"']  # fmt: skip
+        out.append(
+            Row(f"pgd_8b_lalr_{name}", f"DAT-PGD 8B, LALR, {name}", 2, 8 * B, pgd + LALR_OFFICIAL + comm, 0, (4,),
+                "official" if codec == "qsgd" or bits == 32 else "dat-ds")
+        )  # fmt: skip
     return out
 
 
 def _run_order(row: Row) -> int:
-    """The question each row answers first: the large-batch loss and LALR's recovery, then FGSM, seeds, bits."""
-    first = ["at_b", "pgd_8b_sgd_s0", "pgd_8b_lalr_s0", "fastat_b", "fgsm_8b_sgd", "fgsm_8b_lalr"]
+    """The questions first: the large-batch loss against each baseline and LALR's recovery, then the seeds, FGSM,
+    and the quantizers."""
+    first = ["at_b", "pgd_8b_sgd_s0", "pgd_8b_sgdx8_s0", "pgd_8b_lalr_s0", "pgd_8b_sgd_s1", "pgd_8b_sgdx8_s1",
+             "pgd_8b_lalr_s1", "pgd_8b_lalr_bc", "fastat_b", "fgsm_8b_sgd", "fgsm_8b_lalr"]  # fmt: skip
     return first.index(row.key) if row.key in first else len(first)
 
 
@@ -141,6 +173,18 @@ def main(argv: list[str] | None = None) -> None:
     write_report(a, study.times)
 
 
+# (row a, row b, what a - b measures); {seed} is filled in per seed
+PAIRS = [
+    ("pgd_8b_sgd_s{seed}", "at_b", "the large-batch loss: DAT-PGD 8B, SGD unscaled − AT at B"),
+    ("pgd_8b_sgdx8_s{seed}", "at_b", "the large-batch loss with linear scaling: SGD × 8 − AT at B"),
+    ("pgd_8b_lalr_s{seed}", "pgd_8b_sgd_s{seed}", "LALR's recovery, official baseline: LALR − SGD unscaled"),
+    ("pgd_8b_lalr_s{seed}", "pgd_8b_sgdx8_s{seed}", "LALR against dat-ds's baseline: LALR − SGD × 8"),
+    ("pgd_8b_lalr_bc", "pgd_8b_lalr_s{seed}", "bias correction and sqrt LR: LALR (dat-ds) − LALR (official)"),
+    ("fgsm_8b_sgd", "pgd_8b_sgd_s{seed}", "DAT-FGSM − DAT-PGD, SGD unscaled"),
+    ("fgsm_8b_lalr", "pgd_8b_lalr_s{seed}", "DAT-FGSM − DAT-PGD, LALR"),
+]
+
+
 def _pct(vals: list, digits: int = 2) -> str:
     n = len(vals)
     vals = [v for v in vals if v is not None]
@@ -175,8 +219,8 @@ def write_report(a, times: dict) -> None:
     for row, s in done.values():
         for t in row.tables:
             groups.setdefault((t, row.label if t == 1 else row.key), []).append((row, s))
-    t1 = ["| method | p×q | batch | steps | TA % | RA % (PGD-50×5) | AA % | C (s/epoch) | T (s/epoch) | seeds | train + eval (s) | AutoAttack (s) |",
-          "|" + "---|" * 12]  # fmt: skip
+    t1 = ["| method | setting | p×q | batch | steps | TA % | RA % (PGD-50×5) | AA % | C (s/epoch) | T (s/epoch) | seeds | train + eval (s) | AutoAttack (s) |",
+          "|" + "---|" * 13]  # fmt: skip
     t4 = ["| aggregation | TA % | RA % (PGD-50×5) | C (s/epoch) | T (s/epoch) | MB/iter measured | MB/iter theory | measured/theory |",
           "|" + "---|" * 8]  # fmt: skip
     for (t, _), members in groups.items():
@@ -188,7 +232,7 @@ def write_report(a, times: dict) -> None:
 
         if t == 1:
             t1.append(
-                f"| {row.label} | 1×{row.ranks} | {row.batch} | {s['steps']} | {_pct([x['TA'] for x in ss])} | "
+                f"| {row.label} | {row.source} | 1×{row.ranks} | {row.batch} | {s['steps']} | {_pct([x['TA'] for x in ss])} | "
                 f"{_pct([x['RA'] for x in ss])} | {_pct([x['AA'] for x in ss])} | {mean('C'):.2f} | {mean('T'):.1f} | "
                 f"{len(ss)} | {mean('row_s'):.0f} | {_secs([x['aa_s'] for x in ss])} |"
             )
@@ -201,6 +245,25 @@ def write_report(a, times: dict) -> None:
                 f"| {name} | {_pct([s['TA']])} | {_pct([s['RA']])} | {s['C']:.2f} | {s['T']:.1f} | "
                 f"{mb:.4f} | {s['theory']:.4f} | {mb / s['theory']:.3f} |"
             )
+    paired = ["| comparison | seeds | ΔRA per seed (points) | ΔAA per seed (points) | mean ΔRA | mean ΔAA |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for a_key, b_key, what in PAIRS:
+        deltas = []
+        for seed in (0, 1):
+            ka, kb = a_key.format(seed=seed), b_key.format(seed=seed)
+            if ka in done and kb in done:
+                sa, sb = done[ka][1], done[kb][1]
+                d_aa = None if sa["AA"] is None or sb["AA"] is None else 100 * (sa["AA"] - sb["AA"])
+                deltas.append((seed, 100 * (sa["RA"] - sb["RA"]), d_aa))
+        if deltas:
+            ra = " / ".join(f"{d:+.1f}" for _, d, _ in deltas)
+            aa = " / ".join("–" if d is None else f"{d:+.1f}" for _, _, d in deltas)
+            m_ra = sum(d for _, d, _ in deltas) / len(deltas)
+            aas = [d for _, _, d in deltas if d is not None]
+            m_aa = f"{sum(aas) / len(aas):+.2f}" if aas else "–"
+            paired.append(
+                f"| {what} | {', '.join(str(x) for x, _, _ in deltas)} | {ra} | {aa} | {m_ra:+.2f} | {m_aa} |"
+            )
     text = f"""# The paper's Tables 1 and 4 on MNIST (2 ranks, this 2-core CPU machine)
 
 Made by `python -m bench.paper_tables` ({time.strftime("%Y-%m-%d")}; every run through the deepspeed launcher with
@@ -212,7 +275,12 @@ gloo, 1 rank for the single-worker rows, 2 for DAT). Rows done so far: {len(done
 
 {chr(10).join(t1)}
 
-Cells with two seeds give the mean and (seed 0 / seed 1).
+Cells with two seeds give the mean and (seed 0 / seed 1). "setting": the official code's, or a dat-ds option
+(docs/fidelity.md).
+
+### Paired differences (same seed, same test images)
+
+{chr(10).join(paired)}
 
 ## Table 4
 

@@ -31,9 +31,14 @@ def _project(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
     return (x + delta.clamp(-eps, eps)).clamp(0, 1) - x
 
 
-def _input_grad(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _input_grad(
+    model: nn.Module, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor, clamp: bool = False
+) -> torch.Tensor:
+    """Gradient of the batch-mean cross-entropy at ``x + delta`` (``clamp``: at ``clamp(x + delta, 0, 1)``, the
+    gradient flowing through the clamp) with respect to ``delta``."""
     delta.requires_grad_(True)
-    logits = model(x + delta)  # fp32 pixels: the model normalizes in fp32 (models.NormalizedModel)
+    inp = (x + delta).clamp(0, 1) if clamp else x + delta
+    logits = model(inp)  # fp32 pixels: the model normalizes in fp32 (models.NormalizedModel)
     loss = F.cross_entropy(logits.float(), y)
     (grad,) = torch.autograd.grad(loss, [delta])
     return grad
@@ -49,14 +54,18 @@ def pgd(
     steps: int,
     rand_init: bool = True,
     restarts: int = 1,
+    start_in_box: bool = True,
 ) -> torch.Tensor:
-    """PGD-K (Madry et al. 2018). With restarts, keeps per example the first perturbation that fools the model."""
+    """PGD-K (Madry et al. 2018). With restarts, keeps per example the first perturbation that fools the model.
+    ``start_in_box=False``: the random start is not projected into [0,1] before the first gradient (the official
+    DAT code's ``attack.py``); every later iterate is."""
     x = x.detach().float()
     best = x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for _ in range(restarts):
         delta = torch.empty_like(x).uniform_(-eps, eps) if rand_init else torch.zeros_like(x)
-        delta = _project(x, delta, eps)
+        if start_in_box:
+            delta = _project(x, delta, eps)
         for _ in range(steps):
             g = _input_grad(model, x, delta, y)
             delta = _project(x, delta.detach() + step_size * g.sign(), eps)
@@ -80,12 +89,16 @@ def fgsm(
     eps: float,
     step_size: float,
     rand_init: bool = True,
+    start_in_box: bool = True,
 ) -> torch.Tensor:
-    """FGSM with random start ("Fast is better than free", Wong et al. 2020: step 1.25 eps)."""
+    """FGSM with random start ("Fast is better than free", Wong et al. 2020: step 1.25 eps). ``start_in_box=False``:
+    as the official DAT code's ``--fast`` branch, the start delta0 is kept unprojected and the gradient is taken
+    at ``clamp(x + delta0, 0, 1)``."""
     x = x.detach().float()
     delta = torch.empty_like(x).uniform_(-eps, eps) if rand_init else torch.zeros_like(x)
-    delta = _project(x, delta, eps)
-    g = _input_grad(model, x, delta, y)
+    if start_in_box:
+        delta = _project(x, delta, eps)
+    g = _input_grad(model, x, delta, y, clamp=not start_in_box)
     return (x + _project(x, delta.detach() + step_size * g.sign(), eps)).detach()
 
 
@@ -131,7 +144,8 @@ def smooth_adv_l2(
 ) -> torch.Tensor:
     """SmoothAdv's attack (Salman et al. 2019): l2 PGD on the soft smoothed classifier, -log of the mean softmax
     over the m noisy copies ``x + noise`` (``noise``: (m * B, ...), copy j of example i at row i * m + j, fixed over
-    the steps), step 2 * eps / steps along the normalized gradient, projected to the l2 ball and to [0,1]."""
+    the steps), from delta = 0, step 2 * eps / steps along the normalized gradient, then clamped to [0,1] and
+    scaled back into the l2 ball, in that order (their ``PGD_L2``: ``clamp_``, then ``renorm_``)."""
     from .smoothing import smoothed_log_prob
 
     x = x.detach().float()
@@ -142,9 +156,11 @@ def smooth_adv_l2(
         delta.requires_grad_(True)
         loss = F.nll_loss(smoothed_log_prob(model, (x + delta).repeat_interleave(m, dim=0) + noise, m), y)
         (g,) = torch.autograd.grad(loss, [delta])
-        g_norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-        delta = delta.detach() + step * g / g_norm
-        d_norm = delta.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
-        delta = delta * (eps / d_norm.clamp_min(eps))  # into the l2 ball
+        g_norm = g.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+        # a zero gradient moves along a random normal direction instead, as their code does
+        g = torch.where(g_norm > 0, g / g_norm.clamp_min(1e-30), torch.randn_like(g))
+        delta = delta.detach() + step * g
         delta = (x + delta).clamp(0, 1) - x
+        d_norm = delta.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+        delta = delta * (eps / d_norm.clamp_min(eps))  # into the l2 ball; shrinking towards x stays in [0,1]
     return (x + delta).detach()

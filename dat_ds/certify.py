@@ -1,7 +1,7 @@
 """Certified l2 robustness of a smoothed classifier, over ranks (Cohen et al. 2019's CERTIFY and PREDICT).
 
     deepspeed --num_gpus 2 --module dat_ds.certify RUN --sigma 0.25 [--N0 100 --N 100000 --alpha 0.001]
-        [--subset 500 --seed 0] [--chunk 10] [--batch 1000] [--predict-n 0]
+        [--every 20 | --subset 500 --seed 0] [--chunk 10] [--batch 1000] [--predict-n 0]
     python -m dat_ds.certify RUN --sigma 0.25 ...            # one process
 
 RUN is a finished run folder (its ``model.safetensors``); its test split is certified. Test examples are chosen
@@ -84,7 +84,8 @@ def _read_rows(path: Path) -> list[list[str]]:
 
 
 def out_folder(run_dir: Path, a) -> Path:
-    tag = f"sigma{a.sigma:g}_n0{a.n0}_n{a.n}_alpha{a.alpha:g}_subset{a.subset}_seed{a.seed}"
+    which = f"every{a.every}" if a.every else f"subset{a.subset}_seed{a.seed}"
+    tag = f"sigma{a.sigma:g}_n0{a.n0}_n{a.n}_alpha{a.alpha:g}_{which}"
     return run_dir / "certify" / tag
 
 
@@ -104,13 +105,16 @@ def run_certification(a) -> dict | None:
     cfg = json.loads(meta["config"])
     index = load_index(cfg["data"]["shards"])
     num_classes = int(meta["num_classes"])
-    wanted = select_indices(index.split("test").count, a.subset, a.seed, a.indices)
+    count = index.split("test").count
+    # Cohen's certify.py --skip K: every K-th test example (the order fixed by the converter)
+    wanted = list(range(0, count, a.every)) if a.every else select_indices(count, a.subset, a.seed, a.indices)
     chunks = [list(range(i, min(i + a.chunk, len(wanted)))) for i in range(0, len(wanted), a.chunk)]
     mine = [c for c in range(len(chunks)) if c % world == rank]
     out = out_folder(a.run_dir, a)
     parts = out / "parts"
     settings = {
         "sigma": a.sigma, "n0": a.n0, "n": a.n, "alpha": a.alpha, "subset": a.subset, "seed": a.seed,
+        **({"every": a.every} if a.every else {}),
         "indices": str(a.indices) if a.indices else None, "chunk": a.chunk, "batch": a.batch,
         "predict_n": a.predict_n, "model": str(path),
     }  # fmt: skip
@@ -210,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--subset", type=int, default=0, help="certify a random subset of N test examples (0: all)"
     )
+    p.add_argument(
+        "--every",
+        type=int,
+        default=0,
+        help="certify every K-th test example, as Cohen et al.'s --skip (20: 500 of CIFAR-10's 10,000)",
+    )
     p.add_argument("--indices", type=Path, default=None, help="file of test-split indices to certify")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -232,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         problem = "--N0, --N, --chunk and --batch must be >= 1, --predict-n >= 0"
     elif not 0 < a.alpha < 0.5:
         problem = f"--alpha {a.alpha} must be in (0, 0.5)"
+    elif a.every < 0 or (a.every and (a.subset or a.indices)):
+        problem = "--every K (K >= 1) picks the examples on its own: leave out --subset and --indices"
     if problem:
         if rank == 0:
             print(f"dat-ds: error: {problem}", file=sys.stderr)

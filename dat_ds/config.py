@@ -49,8 +49,16 @@ class DataConfig:
 class ModelConfig:
     name: str = "dat_digits_cnn"  # any timm model name, or one registered by dat_ds.models
     pretrained: bool = False
-    channels_last: bool = False  # on by default only where it pays (CUDA); see engine.py
+    channels_last: bool = (
+        False  # channels-last memory for weights and inputs (cuDNN's and oneDNN's preferred layout)
+    )
     drop_rate: float = 0.0
+    # The model's first layer: "data" normalizes pixels with the shard set's mean/std; "none" feeds [0,1] pixels
+    # as they are (the official DAT code: ToTensor() only).
+    input_norm: Literal["data", "none"] = "data"
+    # timm ResNets zero-initialize the last BatchNorm weight of each residual block; false initializes it to 1, as
+    # torchvision's resnet50 (the official DAT code's network). Unset: the model's own default.
+    zero_init_last: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,10 @@ class AttackConfig:
     rand_init: bool = True
     fgsm_step_ratio: float = 1.25  # Fast AT (Wong et al. 2020)
     bn_mode: Literal["train", "eval"] = "eval"  # BatchNorm mode while the attack runs
+    # The random start: projected into the image box [0,1] before the first gradient (true), or, as the official
+    # DAT code, not (PGD takes its first gradient at x + delta0 unclamped; FGSM at clamp(x + delta0, 0, 1), its
+    # delta keeping the unclamped start). Every later iterate is projected either way.
+    start_in_box: bool = True
 
     def __post_init__(self) -> None:
         _check(
@@ -79,7 +91,9 @@ class AttackConfig:
 @dataclass(frozen=True)
 class LossConfig:
     objective: Literal["dat", "trades", "gaussian", "smoothadv"] = "dat"  # dat_ds/objectives.py
-    clean_weight: float = 1.0  # dat: lambda in lambda*CE(clean) + CE(adv); 0 is Madry AT, DAT's code uses 1
+    # dat: lambda in lambda*CE(clean) + CE(adv). 0 is Madry's AT and Fast AT; the official DAT code uses 1 for
+    # DAT-PGD and 0 for DAT-FGSM (its --fast branch back-propagates CE(adv) alone). See docs/fidelity.md.
+    clean_weight: float = 1.0
     trades_beta: float = 6.0  # trades: CE(clean) + beta*KL(f(x) || f(x_adv))
 
     def __post_init__(self) -> None:
@@ -93,14 +107,31 @@ class SmoothingConfig:
 
     sigma: float = 0.25  # std of the Gaussian noise, in [0,1] pixel units
     noise_samples: int = 1  # N noisy copies of every example per step (the DAT paper compares 2 and 20)
-    attack_eps: float = 0.5  # smoothadv: l2 radius of the attack on the smoothed classifier
-    attack_steps: int = 1  # smoothadv: l2 PGD steps (step 2 * eps / steps, as Salman et al.)
+    # What train.global_batch_size and train.micro_batch_size count: "images" (each brings its N noisy copies, so
+    # a step costs N times more with N), or "pairs" of (image, noise), as Salman et al.'s --num-noise-vec: a
+    # micro-batch holds micro_batch_size / N images, and an epoch takes N times more steps of the same cost.
+    batch_unit: Literal["images", "pairs"] = "images"
+    attack_eps: float = 0.25  # smoothadv: l2 radius (Salman et al.'s code: --epsilon 64, divided by 256)
+    attack_steps: int = 10  # smoothadv: l2 PGD steps, step 2 * eps / steps (Salman et al.'s README: 10)
+    # smoothadv: the radius grows with the epoch, min(eps, (epoch + 1) * eps / warmup), as Salman et al.'s --warmup
+    # (10 in their README's CIFAR-10 runs); 0: the full radius from the start
+    attack_warmup_epochs: int = 10
 
     def __post_init__(self) -> None:
         _check(self.sigma > 0, f"smoothing.sigma={self.sigma} must be > 0")
         _check(self.noise_samples >= 1, f"smoothing.noise_samples={self.noise_samples} must be >= 1")
         _check(self.attack_eps > 0, f"smoothing.attack_eps={self.attack_eps} must be > 0")
         _check(self.attack_steps >= 1, f"smoothing.attack_steps={self.attack_steps} must be >= 1")
+        _check(
+            self.attack_warmup_epochs >= 0,
+            f"smoothing.attack_warmup_epochs={self.attack_warmup_epochs} must be >= 0 (0: no warm-up)",
+        )
+
+    def attack_radius(self, epoch: int) -> float:
+        """The SmoothAdv radius in (0-based) ``epoch``: Salman et al.'s linear warm-up by epoch."""
+        if not self.attack_warmup_epochs:
+            return self.attack_eps
+        return min(self.attack_eps, (epoch + 1) * self.attack_eps / self.attack_warmup_epochs)
 
 
 @dataclass(frozen=True)
@@ -108,7 +139,11 @@ class UnlabeledConfig:
     """A second, pseudo-labelled shard set streamed beside data.shards (RST, Carmon et al. 2019)."""
 
     shards: str = ""  # a set written by dat_ds.pseudo_label (or data_prep.tiny_images --rst-labels); "": none
-    fraction: float = 0.5  # of every micro-batch, on every rank and step (RST's unsup_fraction)
+    # "pool": one training set of both (the official DAT code concatenates CIFAR-10 and the 500K images and
+    # samples uniformly: an epoch passes once over all of them); "fraction": a fixed share of every micro-batch
+    # (RST's unsup_fraction), the labeled set defining the epoch.
+    mixing: Literal["pool", "fraction"] = "fraction"
+    fraction: float = 0.5  # mixing = "fraction": of every micro-batch, on every rank and step
 
     def __post_init__(self) -> None:
         _check(
@@ -147,6 +182,8 @@ class OptimConfig:
     wd_on_norm_and_bias: bool = False  # ndim <= 1 tensors get weight decay?
     # LALR (LAMB-style layer-wise adaptive learning rate)
     lalr_moments: Literal["adam", "momentum"] = "adam"
+    # Adam's bias correction of the moments; the official DAT code's LAMB (cybertronai) has none
+    bias_correction: bool = True
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-6
     c_lower: float = 0.0
@@ -179,6 +216,10 @@ class OptimConfig:
 @dataclass(frozen=True)
 class CommConfig:
     bits: Literal[32, 16, 8, 4] = 32
+    # "block": dat-ds's quantizer, a scale per block of block_size values (absmax), rounding as comm.rounding.
+    # "qsgd": the DAT paper's (its code's quantization.py): one l2-norm scale per gradient tensor, 2^(bits-1) - 1
+    # levels and a sign, stochastic rounding (unbiased). Both need topology = "ps" below 32 bits.
+    codec: Literal["block", "qsgd"] = "block"
     two_sided: bool = False  # also quantize the aggregate sent back
     topology: Literal["ps", "hpc"] = "hpc"  # sharded parameter server, or plain all-reduce
     rounding: Literal["nearest", "stochastic"] = "nearest"
@@ -196,6 +237,11 @@ class CommConfig:
                 "so it carries only 32 or 16 bits; use topology='ps' for 8 or 4 bits",
             )
             _check(not self.two_sided, "comm.two_sided needs comm.topology='ps'")
+            _check(
+                self.codec == "block" or self.bits == 32,
+                f"comm.codec='qsgd' at comm.bits={self.bits} needs comm.topology='ps': an all-reduce cannot sum "
+                "its codes",
+            )
         _check(self.block_size >= 8 and self.block_size % 2 == 0, "comm.block_size must be even and >= 8")
         _check(self.bucket_mb > 0, f"comm.bucket_mb={self.bucket_mb} must be > 0")
         _check(self.overlap_bucket_mb > 0, f"comm.overlap_bucket_mb={self.overlap_bucket_mb} must be > 0")
@@ -302,21 +348,49 @@ class RunConfig:
             not (self.loss.objective == "trades" and self.attack.method == "none"),
             'loss.objective="trades" needs an attack (attack.method = "pgd" or "fgsm")',
         )
-        if self.unlabeled.shards:
-            u = self.unlabeled.fraction * self.train.micro_batch_size
+        smoothing = self.loss.objective in ("gaussian", "smoothadv")
+        if self.smoothing.batch_unit == "pairs":
+            n = self.smoothing.noise_samples
             _check(
-                abs(u - round(u)) < 1e-9 and 1 <= round(u) < self.train.micro_batch_size,
-                f"unlabeled.fraction={self.unlabeled.fraction} of train.micro_batch_size="
-                f"{self.train.micro_batch_size} is {u:g} samples: it must be a whole number between 1 and "
-                "micro_batch_size - 1, so that every micro-batch on every rank has exactly that share",
+                smoothing,
+                'smoothing.batch_unit = "pairs" counts (image, noise) pairs: it needs loss.objective = '
+                '"gaussian" or "smoothadv"',
+            )
+            _check(
+                self.train.micro_batch_size % n == 0,
+                f'smoothing.batch_unit = "pairs": train.micro_batch_size={self.train.micro_batch_size} must be a '
+                f"multiple of smoothing.noise_samples={n} (each image brings {n} pairs)",
+            )
+        if self.unlabeled.shards and self.unlabeled.mixing == "fraction":
+            m = self.images_per_micro
+            u = self.unlabeled.fraction * m
+            _check(
+                abs(u - round(u)) < 1e-9 and 1 <= round(u) < m,
+                f"unlabeled.fraction={self.unlabeled.fraction} of {m} images per micro-batch is {u:g} samples: "
+                "it must be a whole number between 1 and the micro-batch's images - 1, so that every micro-batch "
+                "on every rank has exactly that share",
             )
 
     @property
+    def images_per_micro(self) -> int:
+        """Images each rank reads per micro-batch: train.micro_batch_size, or, with smoothing.batch_unit = "pairs",
+        micro_batch_size / N (each image with its N noise draws makes N of the micro-batch's pairs)."""
+        if self.smoothing.batch_unit == "pairs" and self.loss.objective in ("gaussian", "smoothadv"):
+            return self.train.micro_batch_size // self.smoothing.noise_samples
+        return self.train.micro_batch_size
+
+    @property
     def unlabeled_per_micro(self) -> int:
-        """Samples of each micro-batch drawn from unlabeled.shards (0 without a second stream)."""
-        if not self.unlabeled.shards:
+        """Samples of each micro-batch drawn from unlabeled.shards by a second stream (mixing = "fraction"); 0
+        without one, and with mixing = "pool", where both sets form one stream."""
+        if not self.unlabeled.shards or self.unlabeled.mixing == "pool":
             return 0
-        return round(self.unlabeled.fraction * self.train.micro_batch_size)
+        return round(self.unlabeled.fraction * self.images_per_micro)
+
+    @property
+    def pooled(self) -> bool:
+        """The labeled and the pseudo-labelled set are one training set (unlabeled.mixing = "pool")."""
+        return bool(self.unlabeled.shards) and self.unlabeled.mixing == "pool"
 
     @property
     def run_dir(self) -> Path:
@@ -443,6 +517,11 @@ RESUME_MAY_CHANGE = (
 )
 
 
+# Keys added with a default that differs from what runs did before the key existed: a checkpoint without the key
+# was trained with this value.
+LEGACY = {"smoothing.attack_warmup_epochs": 0}
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -460,11 +539,11 @@ def resume_differences(saved: dict[str, Any], new: RunConfig) -> tuple[list[str]
     defaults = _flatten(dataclasses.asdict(RunConfig()))
     refused, allowed = [], []
     for key in sorted(a.keys() | b.keys()):
-        old, cur = a.get(key, "<absent>"), b.get(key, "<absent>")
+        old, cur = a.get(key, LEGACY.get(key, "<absent>")), b.get(key, "<absent>")
         if old == cur:
             continue
-        if key not in a and key in defaults and cur == defaults[key]:
-            continue  # a key added after the checkpoint was written, at its default: the same run
+        if key not in a and key in defaults and cur == LEGACY.get(key, defaults[key]):
+            continue  # a key added after the checkpoint was written, at what it was then: the same run
         line = f"{key}: {old!r} -> {cur!r}"
         (allowed if key.startswith(RESUME_MAY_CHANGE) else refused).append(line)
     return refused, allowed

@@ -1,7 +1,8 @@
 """Models: any timm model by name, with input normalization as the first layer (attacks work in [0,1]).
 
 Importing this module registers, in timm's registry, the CIFAR-style networks the paper and its peers use but
-timm lacks (``preact_resnet18``, ``wrn28_10``, ``wrn34_10``) and the small CNN of the digits demo, so
+timm lacks (``preact_resnet18``, the official DAT code's ``dat_preact_resnet18``, ``preact_resnet18_w16`` for CPU
+studies, ``wrn28_10``, ``wrn34_10``) and the small CNNs of the digits and MNIST studies, so
 ``timm.create_model("wrn28_10")`` works anywhere dat_ds is imported.
 """
 
@@ -128,6 +129,7 @@ class PreActResNet(nn.Module):
         in_chans: int = 3,
         stem: int = 64,
         drop_rate: float = 0.0,
+        final_bn: bool = True,
         **_: object,
     ):
         super().__init__()
@@ -139,7 +141,9 @@ class PreActResNet(nn.Module):
                 layers.append(_PreActBlock(cin, w, 2 if (i > 0 and j == 0) else 1, drop_rate))
                 cin = w
         self.layers = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(cin)
+        # The last block's output through BatchNorm and ReLU before pooling (fast_adversarial's, RST's and TRADES'
+        # networks); the official DAT code's PreActResNet18 pools the last block's output directly.
+        self.bn = nn.BatchNorm2d(cin) if final_bn else None
         self.fc = nn.Linear(cin, num_classes)
         self.num_features = cin
 
@@ -147,7 +151,9 @@ class PreActResNet(nn.Module):
         return self.fc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.layers(self.stem(x))))
+        x = self.layers(self.stem(x))
+        if self.bn is not None:
+            x = F.relu(self.bn(x))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
@@ -197,6 +203,23 @@ def preact_resnet18(pretrained: bool = False, **kwargs) -> PreActResNet:
     return PreActResNet((64, 128, 256, 512), (2, 2, 2, 2), **kwargs)
 
 
+@register_model
+def dat_preact_resnet18(pretrained: bool = False, **kwargs) -> PreActResNet:
+    """The official DAT code's PreActResNet18 (its ``models.py``): as ``preact_resnet18`` without the BatchNorm
+    and ReLU after the last block."""
+    _no_pretrained(pretrained, "dat_preact_resnet18")
+    return PreActResNet((64, 128, 256, 512), (2, 2, 2, 2), final_bn=False, **kwargs)
+
+
+@register_model
+def preact_resnet18_w16(pretrained: bool = False, **kwargs) -> PreActResNet:
+    """PreAct ResNet-18's layout (4 stages of 2 blocks, BatchNorm everywhere) at a quarter of its widths (16, 32,
+    64, 128; 0.70M parameters): the CIFAR-10 network of the studies on 2 CPU cores (docs/cifar10_tables.md), about
+    15x faster than the full width there (450 against 29 images/s per core, forward + backward, channels-last)."""
+    _no_pretrained(pretrained, "preact_resnet18_w16")
+    return PreActResNet((16, 32, 64, 128), (2, 2, 2, 2), stem=16, **kwargs)
+
+
 def _wrn(depth: int, k: int, pretrained: bool, name: str, **kwargs) -> PreActResNet:
     _no_pretrained(pretrained, name)
     n = (depth - 4) // 6
@@ -241,13 +264,31 @@ def check_model_name(name: str) -> None:
 def build_net(cfg: ModelConfig, num_classes: int, in_chans: int) -> nn.Module:
     """The bare timm network (what the exported safetensors hold)."""
     check_model_name(cfg.name)
-    return timm.create_model(
-        cfg.name,
-        pretrained=cfg.pretrained,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        drop_rate=cfg.drop_rate,
-    )
+    extra = {} if cfg.zero_init_last is None else {"zero_init_last": cfg.zero_init_last}
+    try:
+        return timm.create_model(
+            cfg.name,
+            pretrained=cfg.pretrained,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            drop_rate=cfg.drop_rate,
+            **extra,
+        )
+    except TypeError as e:
+        if extra and "zero_init_last" in str(e):
+            raise ConfigError(
+                f"model.zero_init_last: {cfg.name} has no such option (timm ResNets have); remove it"
+            ) from None
+        raise
+
+
+def input_stats(
+    cfg: ModelConfig, channels: int, mean: Sequence[float], std: Sequence[float]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std of the model's normalization layer: the given ones, or identity with model.input_norm = "none"."""
+    if cfg.input_norm == "none":
+        return (0.0,) * channels, (1.0,) * channels
+    return tuple(mean), tuple(std)
 
 
 def build_model(

@@ -3,18 +3,22 @@
 Each takes ``forward`` (the DeepSpeed engine: its forward installs the hooks its backward needs), ``module`` (the
 bare model, ``engine.module``, which the attack differentiates through for input gradients only, never touching
 parameter ``.grad``), a batch ``x`` (fp32 pixels in [0,1]) and ``y`` (labels; ``IGNORE`` marks a skipped sample, it
-adds nothing), and the run's config. It returns the scalar to back-propagate, the per-example loss (for per-source
-metrics) and the logits whose accuracy the run reports (on the adversarial inputs). A recipe picks one with
-``loss.objective``; a new objective (randomized-smoothing training, next) is a new function in ``OBJECTIVES``.
+adds nothing), the run's config and the (0-based) epoch, for objectives whose settings follow a schedule. It
+returns the scalar to back-propagate, the per-example loss (for per-source metrics) and the logits whose accuracy
+the run reports (on the adversarial inputs). A recipe picks one with ``loss.objective``; a new objective is a new
+function in ``OBJECTIVES``.
 
 - ``dat``:    lambda * CE(f(x), y) + CE(f(x_adv), y), x_adv from PGD or FGSM on CE (the DAT paper; lambda =
-              ``loss.clean_weight``, 0 is Madry's AT; ``attack.method = "none"`` is standard training).
+              ``loss.clean_weight``: the official code uses 1 for DAT-PGD and 0 for DAT-FGSM, whose gradient is
+              that of CE(f(x_adv), y) alone, as Fast AT's; 0 is also Madry's AT; ``attack.method = "none"`` is
+              standard training). The attack runs with BatchNorm in ``attack.bn_mode``; the losses in train mode.
 - ``trades``: CE(f(x), y) + beta * KL(f(x) || f(x_adv)), x_adv maximizing that KL (Zhang et al. 2019; RST uses it
               on labeled and pseudo-labelled samples alike, beta = ``loss.trades_beta``, 6 in both papers).
 - ``gaussian``: mean over N noisy copies x + sigma * e of CE(f(x + sigma * e), y) (Cohen et al. 2019's training for
               randomized smoothing; N = ``smoothing.noise_samples``: the DAT paper's Table 2 compares N = 2 and 20).
 - ``smoothadv``: the same on x_adv, an l2 attack on the soft smoothed classifier estimated with the same N copies
-              (Salman et al. 2019), radius ``smoothing.attack_eps``, ``smoothing.attack_steps`` steps.
+              (Salman et al. 2019), radius ``smoothing.attack_eps`` warmed up over
+              ``smoothing.attack_warmup_epochs`` epochs, ``smoothing.attack_steps`` steps.
 Noise is added to [0,1] pixels, before the model's normalization layer, and not clipped (as Cohen's code).
 """
 
@@ -48,11 +52,30 @@ def ce_attack(module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfi
     a = cfg.attack
     with bn_mode(module, a.bn_mode):
         if a.method == "pgd":
-            return pgd(module, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, rand_init=a.rand_init)
-        return fgsm(module, x, y, eps=a.eps, step_size=a.fgsm_step_ratio * a.eps, rand_init=a.rand_init)
+            return pgd(
+                module,
+                x,
+                y,
+                eps=a.eps,
+                step_size=a.step_size,
+                steps=a.steps,
+                rand_init=a.rand_init,
+                start_in_box=a.start_in_box,
+            )
+        return fgsm(
+            module,
+            x,
+            y,
+            eps=a.eps,
+            step_size=a.fgsm_step_ratio * a.eps,
+            rand_init=a.rand_init,
+            start_in_box=a.start_in_box,
+        )
 
 
-def dat(forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> LossOut:
+def dat(
+    forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, epoch: int = 0
+) -> LossOut:
     valid = (y >= 0).float()
     if cfg.attack.method == "none":
         logits = forward(x).float()
@@ -72,7 +95,9 @@ def dat(forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     return LossOut(loss, per * valid, logits.detach())
 
 
-def trades(forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> LossOut:
+def trades(
+    forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, epoch: int = 0
+) -> LossOut:
     a = cfg.attack
     valid = (y >= 0).float()
     with bn_mode(module, a.bn_mode):
@@ -100,7 +125,7 @@ def _noisy_ce(
 
 
 def gaussian(
-    forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig
+    forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, epoch: int = 0
 ) -> LossOut:
     s = cfg.smoothing
     valid = (y >= 0).float()
@@ -108,14 +133,16 @@ def gaussian(
 
 
 def smoothadv(
-    forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig
+    forward: Callable, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, epoch: int = 0
 ) -> LossOut:
     s = cfg.smoothing
     valid = (y >= 0).float()
     n = s.noise_samples
     noise = s.sigma * torch.randn_like(x.repeat_interleave(n, dim=0))
     with bn_mode(module, cfg.attack.bn_mode):
-        x_adv = smooth_adv_l2(module, x, y.clamp_min(0), noise, eps=s.attack_eps, steps=s.attack_steps)
+        x_adv = smooth_adv_l2(
+            module, x, y.clamp_min(0), noise, eps=s.attack_radius(epoch), steps=s.attack_steps
+        )
     return _noisy_ce(forward, x_adv.repeat_interleave(n, dim=0) + noise, y, n, valid)
 
 

@@ -32,6 +32,8 @@ def _method(cfg: dict) -> str:
     c = cfg["comm"]
     if c["bits"] != 32:
         name += f" {c['bits']}b{'-2s' if c['two_sided'] else ''}"
+        if c.get("codec", "block") == "qsgd":
+            name += " qsgd"
     return name
 
 

@@ -5,18 +5,20 @@
     torchrun --nproc_per_node 2 -m dat_ds.train recipes/digits_dat_pgd.toml
     python -m dat_ds.train recipes/digits_dat_pgd.toml --check --world-size 36   # validate only, no ranks
 
-Per step, in data-flow order: batch (labeled, plus a pseudo-labelled share with [unlabeled]) -> objective
+Per step, in data-flow order: batch (labeled, plus pseudo-labelled samples with [unlabeled]) -> objective
 (dat_ds/objectives.py: attack on engine.module, input gradients only, then the loss: DAT's lambda*CE(clean) +
-CE(adv), TRADES, or Gaussian-noise / SmoothAdv training) -> engine.backward -> engine.step (the accumulation boundary reduces the gradients once
-through dat_ds.comm, clips, applies the optimizer) -> running metrics. Per epoch: BatchNorm buffers averaged
-across ranks -> TA/RA on the test split -> metrics.jsonl + wandb -> checkpoint. ``run`` is that sequence of
-phases (start_rank, choose_start, build_engine, restore, open_outputs, then per epoch train_epoch, epoch_record, evaluate_epoch,
-close_epoch, and finish), each a function of the rank's ``Session``.
+CE(adv), TRADES, or Gaussian-noise / SmoothAdv training) -> engine.backward -> engine.step (the accumulation
+boundary reduces the gradients once through dat_ds.comm, clips, applies the optimizer) -> running metrics. Per
+epoch: sums over ranks -> TA/RA on the test split, with the ranks' BatchNorm statistics averaged on the side (each
+rank trains and attacks with its own, as the official DAT code) -> metrics.jsonl + wandb -> checkpoint. ``run`` is
+that sequence of phases (start_rank, choose_start, build_engine, restore, open_outputs, then per epoch
+train_epoch, epoch_record, evaluate_epoch, close_epoch, and finish), each a function of the rank's ``Session``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,10 +32,10 @@ import torch
 
 from .config import ConfigError, RunConfig, load_config
 from .data.loader import PairedLoader, StreamSpec, batches_per_epoch, make_eval_loader, make_train_loader
-from .data.shards import ShardError, ShardIndex, load_index
+from .data.shards import ShardError, ShardIndex, load_index, pooled_split
 from .evaluate import evaluate, to_input
 from .init_from import InitPlan, SourceMissing, apply_init, plan_init, read_record, write_record
-from .models import build_model, check_model_name, keep_fp32_layers
+from .models import build_model, check_model_name, input_stats, keep_fp32_layers
 from .objectives import OBJECTIVES
 
 log = logging.getLogger("dat_ds")
@@ -67,22 +69,23 @@ def make_plan(cfg: RunConfig, world: int) -> Plan:
     accum = gradient_accumulation(cfg, world)
     unlabeled = None
     u = cfg.unlabeled_per_micro
-    labeled_batch = (
-        cfg.train.global_batch_size // cfg.train.micro_batch_size * (cfg.train.micro_batch_size - u)
-    )
+    micro_steps = (
+        cfg.train.global_batch_size // cfg.train.micro_batch_size
+    )  # micro-batches per step, all ranks
+    labeled_batch = micro_steps * (cfg.images_per_micro - u)  # images per step from data.shards
     if cfg.eval.split not in index.splits:
         raise ConfigError(
             f"eval.split={cfg.eval.split!r}: {cfg.data.shards} has the splits {sorted(index.splits)}; make a "
             "validation split with: python -m data_prep.holdout SRC OUT --n N"
         )
     try:
-        steps = batches_per_epoch(index.split("train").count, labeled_batch)
-        if u:
+        if cfg.unlabeled.shards:
             unlabeled = load_index(cfg.unlabeled.shards)
             check_unlabeled(cfg, index, unlabeled)
-            batches_per_epoch(
-                unlabeled.split("train").count, cfg.train.global_batch_size // cfg.train.micro_batch_size * u
-            )
+        train_count = index.split("train").count + (unlabeled.split("train").count if cfg.pooled else 0)
+        steps = batches_per_epoch(train_count, labeled_batch)
+        if u:
+            batches_per_epoch(unlabeled.split("train").count, micro_steps * u)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.train.max_steps_per_epoch:
@@ -163,7 +166,7 @@ def train_step(engine, batch: tuple, cfg: RunConfig, state: TrainState) -> None:
     x = to_input(x, engine.device, cfg.model.channels_last)
     y = y.to(engine.device, non_blocking=True)
     # Pixels stay fp32 into the model, whatever the engine's precision (see models.NormalizedModel).
-    out = OBJECTIVES[cfg.loss.objective](engine, engine.module, x, y, cfg)
+    out = OBJECTIVES[cfg.loss.objective](engine, engine.module, x, y, cfg, epoch=state.epoch)
     engine.backward(out.loss)
     engine.step()  # at the boundary: gradient reduction (dat_ds.comm), clipping, optimizer, LR schedule
     with torch.no_grad():
@@ -184,7 +187,7 @@ def replicas_identical(model: torch.nn.Module) -> bool:
 
     h = hashlib.blake2b(digest_size=8)
     for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any layout
     mine = torch.tensor([int.from_bytes(h.digest(), "little", signed=True)], dtype=torch.int64)
     if dist.get_backend() == "nccl":
         mine = mine.cuda()
@@ -269,12 +272,10 @@ class Session:
         )
 
     def save(self, tag: str) -> None:
-        from timm.utils import distribute_bn
-
-        distribute_bn(
-            self.engine.module, self.world, reduce=True
-        )  # DeepSpeed never syncs BN buffers; rank 0's are saved
         rank_state = self.state.rank_state()
+        # BatchNorm running statistics are each rank's own (the official DAT code never syncs them) and feed the
+        # eval-mode attack; DeepSpeed saves only rank 0's, so every rank keeps its own in its file.
+        rank_state["buffers"] = {k: v.detach().cpu().clone() for k, v in self.engine.module.named_buffers()}
         comm_s, comm_b, exposed_s = self.epoch_comm()
         rank_state["timers"][:2] = torch.tensor([comm_s, comm_b], dtype=torch.float64)
         rank_state["timers"][3] = exposed_s
@@ -352,9 +353,8 @@ def build_model_for_run(s: Session) -> torch.nn.Module:
             "resume: nothing to start from"
         )
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DeepSpeed also broadcasts them)
-    model = build_model(
-        cfg.model, index.num_classes, index.channels, init.mean or index.mean, init.std or index.std
-    )
+    mean, std = input_stats(cfg.model, index.channels, init.mean or index.mean, init.std or index.std)
+    model = build_model(cfg.model, index.num_classes, index.channels, mean, std)
     if s.tag is None:
         apply_init(model.net, init)  # loads, adapts, freezes
         if s.rank == 0 and (init.source or init.frozen):
@@ -378,8 +378,6 @@ def build_engine(s: Session) -> None:
 
     cfg = s.cfg
     model = build_model_for_run(s)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(
         model, cfg.optim, cfg.train.global_batch_size, f"net.{s.plan.init.head}", cfg.finetune.head_lr_scale
     )
@@ -388,6 +386,10 @@ def build_engine(s: Session) -> None:
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=s.plan.ds_config
     )
     secure_checkpoint_engine(s.engine)  # DeepSpeed's own loader would unpickle with weights_only=False
+    if cfg.model.channels_last:
+        # After the engine's initial broadcast, which over gloo cannot send a channels-last tensor ("stride(-1)
+        # must be 1 to view Float as Byte"). In place (param.data), so the optimizer keeps its references.
+        s.engine.module.to(memory_format=torch.channels_last)
     if s.engine.bfloat16_enabled() or s.engine.fp16_enabled():
         keep_fp32_layers(s.engine.module)  # the attack's delta reaches the network intact; norms match
     c = cfg.comm
@@ -395,6 +397,7 @@ def build_engine(s: Session) -> None:
         bits=c.bits,
         two_sided=c.two_sided,
         topology=c.topology,
+        codec=c.codec,
         rounding=c.rounding,
         error_feedback=c.error_feedback,
         block_size=c.block_size,
@@ -427,6 +430,14 @@ def restore(s: Session) -> None:
     s.state.comm_bytes = int(comm_bytes)
     set_rng_state(rank_state["rng"])
     s.reducer.load_state_dict(rank_state.get("reducer", {}))
+    # this rank's BatchNorm statistics (checkpoints before they were saved per rank hold rank 0's, which every
+    # rank then had: they were averaged before each save)
+    own = rank_state.get("buffers")
+    if own is not None:
+        with torch.no_grad():
+            for k, v in s.engine.module.named_buffers():
+                if k in own:
+                    v.copy_(own[k])
     s.resumed_from = tag
     if s.rank == 0:
         log.info(
@@ -530,10 +541,8 @@ def train_epoch(s: Session) -> None:
 
 def epoch_record(s: Session) -> dict:
     import torch.distributed as dist
-    from timm.utils import distribute_bn
 
     plan, state, engine = s.plan, s.state, s.engine
-    distribute_bn(engine.module, s.world, reduce=True)  # BN buffers agree before evaluation and saving
     sums = state.sums.clone()
     dist.all_reduce(sums)  # loss and adversarial accuracy over all ranks
     comm_s, comm_b, exposed_s = s.epoch_comm()
@@ -577,23 +586,40 @@ def epoch_record(s: Session) -> dict:
     return record
 
 
+@contextlib.contextmanager
+def averaged_bn(module: torch.nn.Module, world: int):
+    """Collective: the model with its BatchNorm running statistics averaged over the ranks (one model to evaluate
+    and export), each rank's own restored afterwards, so that evaluating never changes the training."""
+    from timm.utils import distribute_bn
+
+    own = [b.detach().clone() for b in module.buffers()]
+    distribute_bn(module, world, reduce=True)
+    try:
+        yield module
+    finally:
+        with torch.no_grad():
+            for b, v in zip(module.buffers(), own, strict=True):
+                b.copy_(v)
+
+
 def evaluate_epoch(s: Session) -> dict:
     cfg, epoch = s.cfg, s.state.epoch
     if (epoch + 1) % cfg.eval.every_epochs and epoch + 1 != cfg.train.epochs:
         return {}
     t0 = time.perf_counter()
     e = cfg.attack.eps
-    counts = evaluate(
-        s.engine.module,
-        s.eval_loader,
-        eps=e,
-        steps=cfg.eval.pgd_steps,
-        step_size=cfg.eval.pgd_step_size or 2.5 * e / cfg.eval.pgd_steps,
-        restarts=cfg.eval.pgd_restarts,
-        device=s.engine.device,
-        channels_last=cfg.model.channels_last,
-        seed=cfg.train.seed * 1000 + s.rank,
-    )
+    with averaged_bn(s.engine.module, s.world) as model:
+        counts = evaluate(
+            model,
+            s.eval_loader,
+            eps=e,
+            steps=cfg.eval.pgd_steps,
+            step_size=cfg.eval.pgd_step_size or 2.5 * e / cfg.eval.pgd_steps,
+            restarts=cfg.eval.pgd_restarts,
+            device=s.engine.device,
+            channels_last=cfg.model.channels_last,
+            seed=cfg.train.seed * 1000 + s.rank,
+        )
     clean, pgd_acc = counts.acc()
     return {
         "clean_acc": clean,
@@ -627,8 +653,10 @@ def finish(s: Session, last: dict) -> None:
 
     from .export import export_safetensors
 
+    with averaged_bn(s.engine.module, s.world) as model:  # the exported model: the ranks' statistics averaged
+        if s.rank == 0:
+            export_safetensors(model, s.cfg, s.plan.index, s.cfg.run_dir / "model.safetensors")
     if s.rank == 0:
-        export_safetensors(s.engine.module, s.cfg, s.plan.index, s.cfg.run_dir / "model.safetensors")
         s.tracker.log_summary({k: v for k, v in last.items() if isinstance(v, int | float)})
     s.tracker.finish()
     dist.barrier()
@@ -640,6 +668,7 @@ def train_batches(
     """This rank's micro-batches of ``epoch`` from step ``done_steps`` on: (x, y), or with [unlabeled]
     (x, y, n_labeled) where the first n_labeled samples come from data.shards and the rest from unlabeled.shards."""
     u = cfg.unlabeled_per_micro
+    ipm = cfg.images_per_micro
     common = dict(
         augment=cfg.data.augment,
         image_size=image_size,
@@ -653,10 +682,20 @@ def train_batches(
         accum=plan.grad_accum,
         on_bad_sample=cfg.data.on_bad_sample,
     )
+    if cfg.pooled:  # one stream over both sets, labeled samples first in each micro-batch
+        train = plan.index.split("train")
+        pooled = StreamSpec(
+            split=pooled_split(train, plan.unlabeled.split("train")),
+            channels=plan.index.channels,
+            micro_batch=ipm,
+            pool_first=train.count,
+            **common,
+        )
+        return make_train_loader(pooled, pin_memory=pin)
     labeled = StreamSpec(
         split=plan.index.split("train"),
         channels=plan.index.channels,
-        micro_batch=cfg.train.micro_batch_size - u,
+        micro_batch=ipm - u,
         **common,
     )
     if not u:

@@ -3,7 +3,9 @@
     python -m data_prep.imagenet /data/imagenet /data/imagenet-shards [--shard-mb 1000] [--val-labels LABELS]
 
 Input: ``train/<wnid>/*.JPEG`` and either ``val/<wnid>/*.JPEG`` (the common re-foldered layout) or a flat
-``val/*.JPEG`` with ``--val-labels`` (lines ``<file name> <wnid>``). Classes are the sorted wnids of ``train/``.
+``val/*.JPEG`` with ``--val-labels`` (lines ``<file name> <wnid>``). Sample keys are ``<wnid>/<file stem>``
+(``data_prep.folders``' rule: unique across classes; a clash is refused before anything is written). Any other
+class-folder set: ``python -m data_prep.folders``. Classes are the sorted wnids of ``train/``.
 Training files are shuffled once (seed 0) before sharding so each shard holds a mix of classes; shards are cut at
 ``--shard-mb`` (about 1 GB: ~1,250 shards for train, enough for any cluster's ranks x workers). Each shard is
 written to a temporary name and renamed when whole, so an interrupted conversion never leaves a torn shard;
@@ -17,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 from dat_ds.data.shards import Sample, write_index, write_tar
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .folders import IMAGENET_MEAN, IMAGENET_STD, sample_key, shard_plan, unique_keys
+
 EXTS = {".jpeg", ".jpg", ".png"}
 FILES_NAME = "test.files.txt"
 
@@ -52,19 +53,6 @@ def list_split(root: Path, split: str, classes: list[str], val_labels: Path | No
     return out
 
 
-def shard_plan(files: list[tuple[Path, int]], shard_bytes: int) -> Iterator[list[tuple[Path, int]]]:
-    cur, size = [], 0
-    for f in files:
-        n = f[0].stat().st_size + 1536  # payload + tar headers
-        if cur and size + n > shard_bytes:
-            yield cur
-            cur, size = [], 0
-        cur.append(f)
-        size += n
-    if cur:
-        yield cur
-
-
 def convert(src: Path, out: Path, shard_mb: float, val_labels: Path | None, name: str) -> None:
     classes = sorted(p.name for p in (src / "train").iterdir() if p.is_dir())
     if not classes:
@@ -72,7 +60,12 @@ def convert(src: Path, out: Path, shard_mb: float, val_labels: Path | None, name
     out.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, shuffle in (("train", True), ("val", False)):
-        files = list_split(src, split, classes, val_labels)
+        # keys <wnid>/<file stem>: unique even where two classes hold the same file name
+        files = [
+            (p, label, sample_key(classes[label], Path(p.name)))
+            for p, label in list_split(src, split, classes, val_labels)
+        ]
+        unique_keys(files)
         if shuffle:
             random.Random(0).shuffle(files)
         entries = []
@@ -83,12 +76,12 @@ def convert(src: Path, out: Path, shard_mb: float, val_labels: Path | None, name
                     out / fname,
                     [
                         Sample(
-                            key=f"{split}_{p.stem}",
+                            key=key,
                             image=p.read_bytes(),
                             ext="png" if p.suffix.lower() == ".png" else "jpg",
                             label=label,
                         )
-                        for p, label in group
+                        for p, label, key in group
                     ],
                 )
             entries.append({"file": fname, "count": len(group)})
@@ -97,7 +90,7 @@ def convert(src: Path, out: Path, shard_mb: float, val_labels: Path | None, name
             split == "val"
         ):  # test index -> source file, for subsets named by file (RobustBench's 5,000 images)
             tmp = out / (FILES_NAME + ".tmp")
-            tmp.write_text("".join(f"{p.relative_to(src).as_posix()}\n" for p, _ in files))
+            tmp.write_text("".join(f"{p.relative_to(src).as_posix()}\n" for p, _, _ in files))
             tmp.replace(out / FILES_NAME)
         print(f"{split}: {len(files)} images in {len(entries)} shards")
     write_index(
@@ -116,11 +109,16 @@ def convert(src: Path, out: Path, shard_mb: float, val_labels: Path | None, name
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", type=Path)
-    p.add_argument("out", type=Path)
-    p.add_argument("--shard-mb", type=float, default=1000.0)
-    p.add_argument("--val-labels", type=Path, default=None)
-    p.add_argument("--name", default="imagenet")
+    p.add_argument("src", type=Path, help="the ImageNet root: SRC/train/<wnid>/*.JPEG and SRC/val/")
+    p.add_argument("out", type=Path, help="the shard folder to write (index.json, *.tar)")
+    p.add_argument("--shard-mb", type=float, default=1000.0, help="shard size in MB (default 1000)")
+    p.add_argument(
+        "--val-labels",
+        type=Path,
+        default=None,
+        help="for a flat val/*.JPEG: a file of '<file name> <wnid>' lines (ILSVRC's validation labels)",
+    )
+    p.add_argument("--name", default="imagenet", help="the shard set's name (default imagenet)")
     a = p.parse_args(argv)
     convert(a.src, a.out, a.shard_mb, a.val_labels, a.name)
 

@@ -74,21 +74,19 @@ def split_labels(
             s = reader[i]
             yield Sample(key=f"s{i:08d}", image=s.image, ext=s.ext, label=s.label if keep_label else -1)
 
-    test = index.split("test")
     common = dict(channels=index.channels, image_size=index.image_size, mean=index.mean, std=index.std)
+    kept = {  # the source's other splits (test, and a held-out val if it has one), unchanged
+        name: write_split(
+            (s for sh in split.shards for s in read_shard(sh.url, sh.count)), out_labeled, name, per_shard
+        )
+        for name, split in index.splits.items()
+        if name != "train"
+    }
     write_index(
         out_labeled,
         name=f"{index.name}_l{per_class}",
         num_classes=index.num_classes,
-        splits={
-            "train": write_split(take(chosen, True), out_labeled, "train", per_shard),
-            "test": write_split(
-                (s for sh in test.shards for s in read_shard(sh.url, sh.count)),
-                out_labeled,
-                "test",
-                per_shard,
-            ),
-        },
+        splits={"train": write_split(take(chosen, True), out_labeled, "train", per_shard), **kept},
         extra={
             "source": str(src),
             "labeled_per_class": per_class,

@@ -18,6 +18,24 @@ VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
+def imagenet_tree(tmp_path_factory) -> Path:
+    """Real photographs (scikit-learn's sample images), cut into 12 JPEGs in 2 classes, train/ and val/."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    root = tmp_path_factory.mktemp("inet")
+    photos = load_sample_images().images
+    for split, n in (("train", 5), ("val", 1)):
+        for wnid, photo in zip(("n01440764", "n01443537"), photos, strict=True):
+            d = root / split / wnid
+            d.mkdir(parents=True)
+            for i in range(n):
+                crop = photo[i * 40 : i * 40 + 300, i * 50 : i * 50 + 400]
+                Image.fromarray(crop).save(d / f"{wnid}_{split}_{i}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     from data_prep.digits import main
 

@@ -144,3 +144,100 @@ def test_compiled_4bit_kernels_match_eager(monkeypatch):
     assert not cm._compile_failed
     for a, b in zip(eager, compiled, strict=True):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ the paper's quantizer (comm.codec = "qsgd")
+
+
+def _official_quantize(g: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The official DAT code's RandomQuantizer (quantization.py, b = 7 magnitude bits + a sign), written out here
+    from its formulas: level l = floor(|g| s / ||g||), up with probability s |g| / ||g|| - l; decoded
+    ||g|| sign(g) xi / s. The Bernoulli draw uses uniform noise so that it can share a stream."""
+    s = 127.0
+    norm = g.norm()
+    a = g.abs() / norm * s
+    lo = torch.floor(a)
+    xi = lo + (torch.rand(g.shape, generator=gen) < a - lo).float()
+    return norm * torch.sign(g) * xi / s
+
+
+def test_qsgd_matches_the_official_quantizer_in_distribution():
+    """Same levels, same mean, same spread as the official code's quantizer, tensor by tensor."""
+    from dat_ds.comm.codec import QSGDCodec, Segments
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, generator=g) * torch.rand(4096, generator=g) ** 3
+    sizes = [64, 4000, 32]
+    seg = Segments(sizes)
+    c = QSGDCodec(bits=8)
+    ours = torch.stack([c.roundtrip(x, generator=g, segments=seg) for _ in range(400)])
+    ref = torch.stack([torch.cat([_official_quantize(p, g) for p in x.split(sizes)]) for _ in range(400)])
+    levels = torch.cat([p.norm().expand(len(p)) for p in x.split(sizes)]) / 127
+    # every decoded value is a whole number of its tensor's levels, within one level of the input
+    k = ours / levels
+    assert torch.allclose(k, k.round(), atol=1e-3)
+    assert ((ours - x).abs() < levels * 1.0001).all()
+    # the per-value means and variances of the two agree within sampling error
+    sd = levels / 2 / 400**0.5  # a Bernoulli step's sd is at most level/2
+    assert ((ours.mean(0) - ref.mean(0)).abs() < 6 * sd * 2**0.5 + 1e-9).all()
+    var_ours, var_ref = ours.var(0).sum(), ref.var(0).sum()
+    assert abs(var_ours / var_ref - 1) < 0.1
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_qsgd_is_unbiased_with_its_known_variance(bits):
+    """Mean of many decodes -> the input; the mean squared error -> sum_i (norm/s)^2 p_i (1 - p_i), which QSGD's
+    Lemma 3.1 bounds by min(d / s^2, sqrt(d) / s) norm^2."""
+    from dat_ds.comm.codec import QSGDCodec, Segments
+
+    c = QSGDCodec(bits=bits)
+    s = 2 ** (bits - 1) - 1
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2000, generator=g) * torch.rand(2000, generator=g) ** 2
+    sizes = [1200, 800]
+    seg = Segments(sizes)
+    draws = 3000
+    total, sq = torch.zeros_like(x, dtype=torch.float64), torch.zeros(len(sizes), dtype=torch.float64)
+    for _ in range(draws):
+        e = (c.roundtrip(x, generator=g, segments=seg) - x).double()
+        total += e
+        sq += torch.stack([p.pow(2).sum() for p in e.split(sizes)])
+    levels = torch.cat([p.norm().expand(len(p)) for p in x.split(sizes)]).double() / s
+    # unbiased: each value's mean error within 5 sd of 0 (sd of a Bernoulli step <= level / 2)
+    assert ((total / draws).abs() <= 5 * levels / 2 / draws**0.5 + 1e-12).all()
+    # variance: the exact expectation, per tensor
+    for i, p in enumerate(x.split(sizes)):
+        lvl = p.double().norm() / s
+        frac = p.double().abs() / lvl - torch.floor(p.double().abs() / lvl)
+        expected = (lvl**2 * frac * (1 - frac)).sum()
+        assert abs(sq[i] / draws / expected - 1) < 0.08, (bits, i, float(sq[i] / draws), float(expected))
+        d, norm2 = len(p), p.double().norm() ** 2
+        assert expected <= min(d / s**2, d**0.5 / s) * norm2
+
+
+def test_qsgd_error_is_orders_above_the_block_codec_on_a_large_tensor():
+    """The fidelity note: on one large tensor the paper's per-tensor scale is far noisier than dat-ds's blocks."""
+    from dat_ds.comm.codec import QSGDCodec
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1 << 20, generator=g)
+    q = QSGDCodec(bits=8).roundtrip(x, generator=g)
+    b = Codec(bits=8, block=512).roundtrip(x)
+    rel_q = ((q - x).norm() / x.norm()) ** 2
+    rel_b = ((b - x).norm() / x.norm()) ** 2
+    assert rel_q > 1.0 and rel_b < 1e-3
+
+
+def test_qsgd_wire_layout_and_zero_tensors():
+    from dat_ds.comm.codec import QSGDCodec, Segments
+
+    c = QSGDCodec(bits=4)
+    x = torch.zeros(100)
+    x[50:] = torch.linspace(-1, 1, 50)
+    seg = Segments([50, 50], slots=3)
+    buf = c.encode(x, segments=seg, generator=torch.Generator().manual_seed(0))
+    assert buf.numel() == 4 * 3 + 100 // 2 == c.encoded_nbytes(100, seg)
+    y = c.decode(buf, 100, segments=seg)
+    assert torch.equal(y[:50], torch.zeros(50)), "an all-zero tensor decodes to zeros"
+    with pytest.raises(ValueError, match="segments cover"):
+        c.encode(torch.zeros(10), segments=seg)

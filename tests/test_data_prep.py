@@ -1,7 +1,9 @@
 """Converters for ImageNet-style trees and CIFAR batches, on small files in the real formats."""
 
 import io
+import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -10,23 +12,6 @@ from PIL import Image
 
 from dat_ds.data.loader import StreamSpec, make_eval_loader, make_train_loader
 from dat_ds.data.shards import load_index, read_shard
-
-
-@pytest.fixture(scope="module")
-def imagenet_tree(tmp_path_factory):
-    """Real photographs (scikit-learn's sample images), cut into 12 JPEGs in 2 classes, train/ and val/."""
-    from sklearn.datasets import load_sample_images
-
-    root = tmp_path_factory.mktemp("inet")
-    photos = load_sample_images().images
-    for split, n in (("train", 5), ("val", 1)):
-        for wnid, photo in zip(("n01440764", "n01443537"), photos, strict=True):
-            d = root / split / wnid
-            d.mkdir(parents=True)
-            for i in range(n):
-                crop = photo[i * 40 : i * 40 + 300, i * 50 : i * 50 + 400]
-                Image.fromarray(crop).save(d / f"{wnid}_{split}_{i}.JPEG", quality=90)
-    return root
 
 
 def test_imagenet_shards_copy_jpeg_bytes(imagenet_tree, tmp_path):
@@ -211,3 +196,102 @@ def test_imagenet_flat_val_and_the_robustbench_subset_evaluate(imagenet_tree, tm
     left, top = int(round((img.size[0] - 224) / 2.0)), int(round((img.size[1] - 224) / 2.0))
     ref = torch.from_numpy(np.array(img.crop((left, top, left + 224, top + 224)))).permute(2, 0, 1)
     assert torch.equal(x, ref), "the same pixels as the protocol's preprocessing"
+
+
+# ------------------------------------------------------------------------------ class-folder trees (data_prep.folders)
+
+
+@pytest.fixture
+def folder_tree(tmp_path):
+    """Real photographs cut into 32 x 32 JPEGs in three classes whose files share names across classes, as in
+    the CIFAR-10 JPEG copy (airplane/0001.jpg, bird/0001.jpg, ...), train/ and test/."""
+    from sklearn.datasets import load_sample_images
+
+    root = tmp_path / "tree"
+    photos = load_sample_images().images
+    for split, n in (("train", 6), ("test", 3)):
+        for c, cls in enumerate(("zebra", "apple", "moth")):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                crop = photos[c % 2][10 * i + c : 10 * i + c + 32, 20 * i : 20 * i + 32]
+                Image.fromarray(np.ascontiguousarray(crop)).save(d / f"{i:04d}.jpg", quality=75)
+    return root
+
+
+def test_class_folders_convert_with_unique_keys_bytes_and_order(folder_tree, tmp_path):
+    from dat_ds.data.shards import SampleReader
+    from data_prep.folders import main
+
+    out = tmp_path / "out"
+    main(
+        [str(folder_tree), str(out), "--classes", "zebra,apple,moth", "--shard-mb", "0.01", "--workers", "1"]
+    )
+    index = load_index(out)
+    assert index.num_classes == 3 and index.image_size == 32
+    assert index.split("train").count == 18 and index.split("test").count == 9
+    train = SampleReader(index.split("train"))
+    keys = [train[i].key for i in range(18)]
+    assert len(set(keys)) == 18, "the same file name in three classes gives three samples"
+    # labels follow --classes, not the alphabet; bytes are the files' own
+    for i in range(18):
+        s = train[i]
+        cls, stem = s.key.split("/")
+        assert s.label == ("zebra", "apple", "moth").index(cls)
+        assert s.image == (folder_tree / "train" / cls / f"{stem}.jpg").read_bytes()
+    # the test order is (class, file name), whatever the file system lists
+    test = SampleReader(index.split("test"))
+    assert [test[i].key for i in range(9)] == [
+        f"{c}/{i:04d}" for c in ("zebra", "apple", "moth") for i in range(3)
+    ]
+    assert (out / "test.files.txt").read_text().split()[0] == "test/zebra/0000.jpg"
+    # pixel statistics from the training images themselves
+    pixels = (
+        np.stack([np.asarray(Image.open(p)) for p in sorted((folder_tree / "train").rglob("*.jpg"))]) / 255
+    )
+    assert index.mean == pytest.approx(pixels.reshape(-1, 3).mean(0), abs=1e-4)
+    # without --classes the sorted class folders are the label order
+    main([str(folder_tree), str(tmp_path / "sorted"), "--workers", "1"])
+    assert json.loads((tmp_path / "sorted" / "classes.json").read_text()) == ["apple", "moth", "zebra"]
+
+
+def test_class_folders_refuse_colliding_keys_and_name_a_corrupt_image(folder_tree, tmp_path):
+    from data_prep.folders import main
+
+    # two names that would be one sample key: refused before any shard is written
+    shutil.copy(folder_tree / "train/apple/0001.jpg", folder_tree / "train/apple/00.01.jpg")
+    shutil.copy(folder_tree / "train/apple/0001.jpg", folder_tree / "train/apple/00_01.jpg")
+    with pytest.raises(
+        SystemExit, match=r"00[._]01.jpg and .*00[._]01.jpg would both be sample 'apple/00_01'"
+    ):
+        main([str(folder_tree), str(tmp_path / "a"), "--workers", "1"])
+    assert not (tmp_path / "a").exists()
+    (folder_tree / "train/apple/00_01.jpg").unlink()
+    # a corrupt JPEG (cut in half) is named, before anything is written
+    bad = folder_tree / "test/moth/0002.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])
+    with pytest.raises(SystemExit, match=r"test/moth/0002.jpg cannot be decoded"):
+        main([str(folder_tree), str(tmp_path / "b"), "--workers", "1"])
+    assert not (tmp_path / "b").exists()
+    main([str(folder_tree), str(tmp_path / "c"), "--workers", "1", "--skip-bad"])
+    index = load_index(tmp_path / "c")
+    assert index.split("test").count == 8
+    assert json.loads((tmp_path / "c" / "index.json").read_text())["skipped_bad_files"] == [str(bad)]
+    # an unknown class folder is refused with the fix
+    (folder_tree / "train" / "extra").mkdir()
+    with pytest.raises(SystemExit, match=r"\['extra'\] are not among the classes"):
+        main([str(folder_tree), str(tmp_path / "d"), "--classes", "zebra,apple,moth"])
+
+
+def test_imagenet_keys_are_unique_across_classes(imagenet_tree, tmp_path):
+    """The ImageNet converter keys samples <wnid>/<stem>: two classes holding the same file name convert (the
+    converter keyed them <split>_<stem> and stopped after the first shard: "holds 8536 samples, not the 8538")."""
+    from data_prep.imagenet import main
+
+    tree = tmp_path / "tree"
+    shutil.copytree(imagenet_tree, tree)
+    a, b = sorted((tree / "train").iterdir())[:2]
+    shutil.copy(a / next(p.name for p in sorted(a.iterdir())), b / "same.JPEG")
+    shutil.copy(b / next(p.name for p in sorted(b.iterdir())), a / "same.JPEG")
+    main([str(tree), str(tmp_path / "shards")])
+    assert load_index(tmp_path / "shards").split("train").count == 12

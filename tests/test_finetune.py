@@ -249,7 +249,8 @@ def _write_cifar100(root: Path, digits_dir: Path) -> None:
 
 def test_imagenet_to_cifar_recipe_pairs_check(tmp_path, digits_dir, capsys):
     """The Fig. 2 pairs: each CIFAR finetune names the ImageNet pretraining run, drops its 1000-class head for a
-    10- or 100-class one and passes --check at the paper's node size; its scratch twin differs only in the start."""
+    10- or 100-class one and passes --check at the paper's node size; its scratch twin differs only in the start
+    and in the LR (Salman et al. 2020's finetuning 0.01; from scratch 0.1)."""
     from dat_ds.export import export_safetensors
     from dat_ds.models import build_model
     from dat_ds.train import main
@@ -271,8 +272,14 @@ def test_imagenet_to_cifar_recipe_pairs_check(tmp_path, digits_dir, capsys):
         scratch = load_config(REPO / f"recipes/cifar{classes}_r50_scratch_dat_pgd.toml")
         assert Path(ft.finetune.init_from).name == pre.name and ft.model.name == pre.model.name
         assert not scratch.finetune.init_from
-        same = {k: v for k, v in ft.to_dict().items() if k not in ("name", "finetune")}
-        assert same == {k: v for k, v in scratch.to_dict().items() if k not in ("name", "finetune")}
+        assert (ft.optim.lr, scratch.optim.lr) == (0.01, 0.1)
+
+        def rest(c):
+            d = {k: v for k, v in c.to_dict().items() if k not in ("name", "finetune")}
+            d["optim"] = {k: v for k, v in d["optim"].items() if k != "lr"}
+            return d
+
+        assert rest(ft) == rest(scratch)
         small = ["--set", f'data.shards="{tmp_path / f"c{classes}"}"', "--set",
                  f'finetune.init_from="{run}"', "--set", "train.micro_batch_size=2", "--set",
                  "train.global_batch_size=12"]  # fmt: skip

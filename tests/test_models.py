@@ -6,7 +6,8 @@ from dat_ds.models import build_model, input_layer_name, to_low_precision
 
 
 def test_registered_architectures_create_through_timm():
-    for name, params in [("preact_resnet18", 11.17e6), ("wrn28_10", 36.48e6), ("dat_digits_cnn", 94186)]:
+    for name, params in [("preact_resnet18", 11.17e6), ("wrn28_10", 36.48e6), ("dat_digits_cnn", 94186),
+                         ("preact_resnet18_w16", 0.70e6), ("dat_preact_resnet18", 11.17e6)]:  # fmt: skip
         m = timm.create_model(name, num_classes=10)
         n = sum(p.numel() for p in m.parameters())
         assert abs(n - params) / params < 0.02, (name, n)

@@ -242,6 +242,56 @@ def test_every_micro_batch_has_the_exact_share_on_every_rank(
     assert len(second) == len(set(second)) and second != first[: len(second)]  # a new pass, a new order
 
 
+@pytest.mark.parametrize(("world", "accum", "workers"), [(1, 1, 0), (2, 1, 2), (3, 2, 0)])
+def test_pooled_sets_are_one_stream_every_sample_once_per_epoch(
+    tmp_path_factory, id_set, world, accum, workers
+):
+    """unlabeled.mixing = "pool" (the official DAT code's CIFAR-10 + 500K as one set): an epoch passes once over
+    both sets together, the global batch of a step does not depend on the world size, and each micro-batch puts
+    its labeled samples first with their count."""
+    from dat_ds.data.shards import Sample
+    from dat_ds.train import train_batches
+
+    labeled = tmp_path_factory.mktemp("pool_lab")
+    train, test = digits_samples()
+    samples = [
+        Sample(key=f"l{i:04d}", image=s.image, ext=s.ext, label=20_000 + i) for i, s in enumerate(train[:300])
+    ]
+    write_index(labeled, name="lab", num_classes=10, channels=1, image_size=8, mean=[0.3], std=[0.4],
+                splits={"train": write_split(samples, labeled, "train", 100),
+                        "test": write_split(test[:20], labeled, "test", 20)})  # fmt: skip
+
+    def plan(w):
+        cfg = load_config(
+            REPO / "recipes/digits_dat_pgd.toml",
+            [f'data.shards="{labeled}"', f'unlabeled.shards="{id_set}"', 'unlabeled.mixing="pool"',
+             "train.micro_batch_size=16", f"train.global_batch_size={16 * w * accum}", f"data.workers={workers}"],
+        )  # fmt: skip
+        from dat_ds.train import make_plan
+
+        return cfg, make_plan(cfg, w)
+
+    cfg, p = plan(world)
+    total = 300 + 1437
+    assert cfg.unlabeled_per_micro == 0 and p.steps_per_epoch == total // (16 * world * accum)
+    seen_by_step: dict[int, list[int]] = {}
+    for r in range(world):
+        for b, (x, y, n) in enumerate(train_batches(cfg, p, 1, 0, r, 8, False)):
+            assert x.shape[0] == len(y) == 16
+            assert (y[:n] >= 20_000).all() and (y[n:] < 20_000).all(), "labeled first"
+            seen_by_step.setdefault(b // accum, []).extend(y.tolist())
+    ids = [i for s in sorted(seen_by_step) for i in seen_by_step[s]]
+    assert len(ids) == len(set(ids)) == p.steps_per_epoch * 16 * world * accum
+    assert total - len(ids) < 16 * world * accum, "every sample of both sets but less than one global batch"
+    labeled_share = sum(i >= 20_000 for i in ids) / len(ids)
+    assert abs(labeled_share - 300 / total) < 0.05  # drawn uniformly from the pool, not a fixed half
+    # the same global batches for one rank
+    cfg1, p1 = plan(1) if world > 1 else (cfg, p)
+    one = [sorted(y.tolist()) for x, y, n in train_batches(cfg1, p1, 1, 0, 0, 8, False)]
+    g = 16 * world * accum
+    assert sorted(ids[:g]) == sorted(i for b in one[: g // 16] for i in b)
+
+
 def test_a_resumed_two_stream_epoch_continues_the_same_batches(semisup_digits, id_set):
     from dat_ds.train import train_batches
 
@@ -276,7 +326,7 @@ def test_two_stream_recipe_errors(semisup_digits, digits_dir):
             2,
         )
     with pytest.raises(
-        ConfigError, match=r"unlabeled.fraction=0.3 of train.micro_batch_size=64 is 19.2 samples"
+        ConfigError, match=r"unlabeled.fraction=0.3 of 64 images per micro-batch is 19.2 samples"
     ):
         load_config(
             REPO / "recipes/digits_dat_pgd.toml", [*base, 'unlabeled.shards="x"', "unlabeled.fraction=0.3"]
@@ -431,8 +481,10 @@ def test_table3_recipes_fit_their_clusters_and_check(tmp_path, digits_dir, recip
     per_worker = 2048 if "preact18" in recipe else 128
     assert cfg.train.global_batch_size == 12 * per_worker
     assert cfg.train.global_batch_size == 12 * cfg.train.micro_batch_size * gradient_accumulation(cfg, 12)
-    assert cfg.unlabeled_per_micro * 2 == cfg.train.micro_batch_size
-    assert cfg.attack.method == ("pgd" if recipe.endswith("pgd.toml") else "fgsm")
+    pooled = cfg.unlabeled.mixing == "pool"  # the official code's one set; the dsbest sibling: RST's halves
+    assert pooled == ("dsbest" not in recipe)
+    assert cfg.unlabeled_per_micro * 2 == (0 if pooled else cfg.train.micro_batch_size)
+    assert cfg.attack.method == ("fgsm" if "fgsm" in recipe else "pgd")
     write_cifar10(tmp_path / "cifar-10-batches-py", digits_dir)
     cifar_main([str(tmp_path / "cifar-10-batches-py"), str(tmp_path / "c10")])
     _ti_file(tmp_path / "ti.pickle", n=24)
@@ -440,4 +492,5 @@ def test_table3_recipes_fit_their_clusters_and_check(tmp_path, digits_dir, recip
     small = ["--set", f'data.shards="{tmp_path / "c10"}"', "--set", f'unlabeled.shards="{tmp_path / "ti"}"',
              "--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=24"]  # fmt: skip
     assert main([str(REPO / "recipes" / recipe), "--check", "--world-size", "12", *small]) == 0
-    assert "5 steps/epoch" in capsys.readouterr().out  # 60 labeled images / 12 labeled per step
+    # pooled: (60 labeled + 24 pseudo-labelled) / 24 per step; halves: 60 labeled / 12 labeled per step
+    assert f"{3 if pooled else 5} steps/epoch" in capsys.readouterr().out

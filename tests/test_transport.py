@@ -20,8 +20,11 @@ SETTINGS = [
     dict(topology="ps", bits=8, two_sided=True),
     dict(topology="ps", bits=4, two_sided=True),
     dict(topology="ps", bits=8, two_sided=True, error_feedback=True, rounding="stochastic"),
+    dict(topology="ps", bits=8, codec="qsgd"),
+    dict(topology="ps", bits=4, two_sided=True, codec="qsgd"),
 ]
 N = 300_001  # not a multiple of anything: padding paths run
+SIZES = [1000, 150_000, 7, N - 151_007]  # the "tensors" the qsgd codec scales one by one
 
 
 def _free_port() -> int:
@@ -46,7 +49,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for i, s in enumerate(SETTINGS):
         r = GradientReducer(bucket_mb=0.5, **s)  # 0.5 MB rounds: 300k values take 2 rounds on 2 ranks
         y = x.clone()
-        r.reduce_(y)
+        r.reduce_(y, sizes=SIZES if s.get("codec") == "qsgd" else None)
         replicas = [torch.empty_like(y) for _ in range(world)]
         dist.all_gather(replicas, y)
         results[i] = dict(
@@ -93,6 +96,18 @@ def test_aggregate(two_rank_results, i):
         # mean of those; a 2-sided download adds the aggregate's own block scale; fp16 (hpc 16) errs by its ulps.
         if s["topology"] == "hpc":
             bound = (inputs.abs().max(0).values + exact.abs()) * 2**-10
+        elif s.get("codec") == "qsgd":
+            # Stochastic rounding to levels of norm/s, s = 2^(b-1) - 1, the norm of the value's whole tensor: each
+            # upload errs by less than its tensor's level; a 2-sided download by less than the aggregate's (the
+            # transport may scale a piece of a tensor, whose norm is smaller).
+            s_levels = 2 ** (s["bits"] - 1) - 1
+
+            def levels(v):
+                return torch.cat([p.norm().expand(len(p)) for p in v.split(SIZES)]) / s_levels
+
+            bound = torch.stack([levels(v) for v in inputs]).mean(0)
+            if s.get("two_sided"):
+                bound = bound + levels(exact.abs() + bound) * 1.01
         else:
             c = Codec(bits=s["bits"], block=512)
             k = 1.0 if s.get("rounding") == "stochastic" else 0.5

@@ -1,4 +1,8 @@
-"""Block-wise symmetric quantization of flat fp32 tensors to b in {32, 16, 8, 4} bits. Pure torch, no collectives.
+"""Quantization of flat fp32 tensors to b in {32, 16, 8, 4} bits. Pure torch, no collectives.
+
+Two codecs share the wire layout of their codes: ``Codec`` (dat-ds's, described here: a scale per block of
+``block`` values) and ``QSGDCodec`` at the end (the DAT paper's: an l2-norm scale per gradient tensor, stochastic
+rounding, as its code's ``quantization.py``); ``make_codec`` picks one from ``comm.codec``.
 
 A chunk of ``n`` values (``n`` a multiple of the block size) encodes to one uint8 buffer:
 ``[nb fp32 scales][n * b / 8 bytes of codes]`` with ``nb = n / block``. Codes are signed integers in
@@ -163,14 +167,19 @@ class Codec:
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
-    def encoded_nbytes(self, n: int) -> int:
-        """Bytes on the wire for a chunk of ``n`` values (``n`` a multiple of ``block`` unless bits == 32)."""
+    def encoded_nbytes(self, n: int, segments: object = None) -> int:
+        """Bytes on the wire for a chunk of ``n`` values (``n`` a multiple of ``block`` unless bits == 32).
+        ``segments`` (here and below) is for ``QSGDCodec``'s interface; blocks need none."""
         if self.bits == 32:
             return 4 * n
         return 4 * (n // self.block) + n * self.bits // 8
 
     def encode(
-        self, x: torch.Tensor, out: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        segments: object = None,
     ) -> torch.Tensor:
         """Flat fp32 ``x`` -> uint8 buffer. For bits < 32, ``x.numel()`` must be a multiple of ``block``."""
         n = x.numel()
@@ -191,7 +200,12 @@ class Codec:
         return out
 
     def decode(
-        self, buf: torch.Tensor, n: int, out: torch.Tensor | None = None, accumulate: bool = False
+        self,
+        buf: torch.Tensor,
+        n: int,
+        out: torch.Tensor | None = None,
+        accumulate: bool = False,
+        segments: object = None,
     ) -> torch.Tensor:
         """uint8 buffer -> ``n`` fp32 values, written to (or, with ``accumulate``, added into) ``out``."""
         if out is None:
@@ -208,7 +222,9 @@ class Codec:
             _run("dec", n, codes.view(torch.int16 if self.bits == 16 else torch.int8), scale, out, accumulate)
         return out
 
-    def decode_mean(self, bufs: torch.Tensor, n: int, out: torch.Tensor) -> torch.Tensor:
+    def decode_mean(
+        self, bufs: torch.Tensor, n: int, out: torch.Tensor, segments: object = None
+    ) -> torch.Tensor:
         """Mean of the W chunks encoded in the rows of ``bufs`` (W, encoded_nbytes(n)), summed in fp32 in row
         order, written to ``out``."""
         world = bufs.shape[0]
@@ -252,3 +268,148 @@ class ErrorFeedback:
 
     def reset(self) -> None:
         self.residuals.clear()
+
+
+# ------------------------------------------------------------------------------------ the paper's quantizer
+
+
+class Segments:
+    """Lengths of the consecutive pieces of a flat chunk that each get their own scale (the ``qsgd`` codec: one
+    per gradient tensor, or per piece of one where a chunk boundary cuts it), and ``slots``, the number of scale
+    slots on the wire (at least ``len(lengths)``; the transport pads every owner's chunk of a round to the same
+    count, so that all encoded chunks have one size)."""
+
+    def __init__(self, lengths: list[int] | tuple[int, ...], slots: int | None = None):
+        self.lengths = tuple(int(v) for v in lengths if v > 0)
+        self.slots = max(len(self.lengths), slots or 0, 1)
+        self.numel = sum(self.lengths)
+        self._ids: dict[torch.device, torch.Tensor] = {}
+
+    def ids(self, device: torch.device) -> torch.Tensor:
+        """The segment number of every value (cached per device)."""
+        if device not in self._ids:
+            lengths = torch.tensor(self.lengths, dtype=torch.int64)
+            ids = torch.repeat_interleave(torch.arange(len(self.lengths), dtype=torch.int32), lengths)
+            self._ids[device] = ids.to(device)  # int32: half the memory of the default int64
+        return self._ids[device]
+
+
+@dataclass(frozen=True)
+class QSGDCodec:
+    """The DAT paper's quantizer (its code's ``quantization.py``, ``RandomQuantizer``; QSGD, Alistarh et al. 2017):
+    every segment (a gradient tensor) is scaled by its l2 norm and each value is rounded stochastically to one of
+    ``s = 2**(bits-1) - 1`` levels of ``norm / s``, with its sign: ``q = sign(g) * (floor(|g| s / norm) + xi)``,
+    ``xi ~ Bernoulli(frac(|g| s / norm))``, decoded as ``q * norm / s``. Unbiased; its variance per segment is
+    ``sum_i (norm/s)^2 p_i (1 - p_i) <= min(d / s^2, sqrt(d) / s) * norm^2`` for ``d`` values (QSGD's Lemma 3.1).
+    At 8 bits ``s = 127``, the official code's 7 magnitude bits and one sign bit in a byte.
+
+    A chunk encodes to ``[slots fp32 norms][codes]``, codes as ``Codec``'s (int8, int16, or 4-bit offset by 8 and
+    packed two per byte, so 4-bit chunks must have an even length). Needs ``segments`` (``Segments``) on encode and
+    decode; without them the whole chunk is one segment. ``bits=32`` is not a quantizer: use ``Codec(bits=32)``."""
+
+    bits: int = 8
+    block: int = 512  # unused by the math; the transport aligns chunks to it as for Codec
+    rounding: Rounding = "stochastic"
+
+    def __post_init__(self) -> None:
+        if self.bits not in (16, 8, 4):
+            raise ValueError(f"qsgd bits={self.bits}: choose 16, 8 or 4")
+        if self.rounding != "stochastic":
+            raise ValueError("the qsgd codec rounds stochastically (that is what makes it unbiased)")
+
+    @property
+    def levels(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @staticmethod
+    def _segments(n: int, segments: Segments | None) -> Segments:
+        seg = segments if segments is not None else Segments([n])
+        if seg.numel != n:
+            raise ValueError(f"segments cover {seg.numel} values, the chunk has {n}")
+        return seg
+
+    def encoded_nbytes(self, n: int, segments: Segments | None = None) -> int:
+        return 4 * self._segments(n, segments).slots + n * self.bits // 8
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        segments: Segments | None = None,
+    ) -> torch.Tensor:
+        n = x.numel()
+        seg = self._segments(n, segments)
+        if out is None:
+            out = torch.empty(self.encoded_nbytes(n, seg), dtype=torch.uint8, device=x.device)
+        flat = x.reshape(-1).float()
+        ids = seg.ids(x.device)
+        sq = torch.zeros(len(seg.lengths), dtype=torch.float32, device=x.device).index_add_(
+            0, ids, flat * flat
+        )
+        norms = torch.zeros(seg.slots, dtype=torch.float32, device=x.device)
+        norms[: len(seg.lengths)] = sq.sqrt()
+        s = float(self.levels)
+        scale = torch.where(norms > 0, norms / s, torch.ones_like(norms))  # a zero segment encodes to zeros
+        noise = torch.rand(n, device=x.device, dtype=torch.float32, generator=generator)
+        q = torch.floor(flat / scale[ids] + noise).clamp_(-s, s)  # |g| <= norm, so only rounding can reach s
+        out[: 4 * seg.slots].copy_(norms.view(torch.uint8))
+        out[4 * seg.slots :].copy_(_pack(q, self.bits))
+        return out
+
+    def decode(
+        self,
+        buf: torch.Tensor,
+        n: int,
+        out: torch.Tensor | None = None,
+        accumulate: bool = False,
+        segments: Segments | None = None,
+    ) -> torch.Tensor:
+        seg = self._segments(n, segments)
+        if out is None:
+            out = torch.zeros(n, dtype=torch.float32, device=buf.device)
+        norms = buf[: 4 * seg.slots].view(torch.float32)
+        q = _unpack(buf[4 * seg.slots :], self.bits, n)
+        vals = q * (norms / self.levels)[seg.ids(buf.device)]
+        return out.add_(vals) if accumulate else out.copy_(vals)
+
+    def decode_mean(
+        self, bufs: torch.Tensor, n: int, out: torch.Tensor, segments: Segments | None = None
+    ) -> torch.Tensor:
+        """Mean of the W chunks in the rows of ``bufs``, summed in fp32 in row order."""
+        out.zero_()
+        for row in bufs:
+            self.decode(row, n, out=out, accumulate=True, segments=segments)
+        return out.div_(bufs.shape[0])
+
+    def roundtrip(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, segments: Segments | None = None
+    ) -> torch.Tensor:
+        return self.decode(
+            self.encode(x, generator=generator, segments=segments), x.numel(), segments=segments
+        )
+
+
+def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed integer codes (float) -> the wire bytes of ``Codec``'s layout."""
+    if bits == 8:
+        return q.to(torch.int8).view(torch.uint8)
+    if bits == 16:
+        return q.to(torch.int16).view(torch.uint8)
+    u = (q + 8).to(torch.uint8).reshape(-1, 2)
+    return u[:, 0] | (u[:, 1] << 4)
+
+
+def _unpack(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    if bits == 8:
+        return codes.view(torch.int8).float()
+    if bits == 16:
+        return codes.view(torch.int16).float()
+    return _unpack4(codes, _shifts(codes.device)).reshape(-1)[:n]
+
+
+def make_codec(kind: str, bits: int, block: int, rounding: Rounding) -> Codec | QSGDCodec:
+    """``comm.codec``: dat-ds's block codec, or the paper's quantizer (identity at 32 bits either way)."""
+    if kind == "qsgd" and bits < 32:
+        return QSGDCodec(bits=bits, block=block)
+    return Codec(bits=bits, block=block, rounding=rounding)

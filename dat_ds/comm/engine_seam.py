@@ -102,7 +102,8 @@ def install(engine, reducer: GradientReducer, overlap_bucket_mb: float | None = 
         # no model parallelism) reduce on the default group, created with the recipe's collective timeout.
         group = None if dist.get_world_size(dp_group) == dist.get_world_size() else dp_group
         with torch.no_grad():
-            reducer.reduce_(tensor, group=group, key=f"{tensor.dtype}:{tensor.numel()}")
+            sizes = [t.numel() for t in bucket] if reducer.per_tensor else None
+            reducer.reduce_(tensor, group=group, key=f"{tensor.dtype}:{tensor.numel()}", sizes=sizes)
         return tensor
 
     engine.allreduce_bucket = allreduce_bucket

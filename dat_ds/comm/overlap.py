@@ -192,7 +192,10 @@ class OverlappedReducer:
         if b.flat is None:
             b.flat = torch.empty(b.numel, dtype=tensors[0].dtype, device=tensors[0].device)
         torch.cat([t.reshape(-1) for t in tensors], out=b.flat)
-        self.reducer.reduce_(b.flat, group=self.group, key=f"overlap{b.index}:{b.numel}", exposed=False)
+        sizes = [t.numel() for t in tensors] if self.reducer.per_tensor else None
+        self.reducer.reduce_(
+            b.flat, group=self.group, key=f"overlap{b.index}:{b.numel}", exposed=False, sizes=sizes
+        )
         at = 0
         for t in tensors:
             t.copy_(b.flat[at : at + t.numel()].view_as(t))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .codec import Codec, ErrorFeedback
+from .codec import Codec, ErrorFeedback, QSGDCodec, Segments, make_codec
 
 
 @dataclass
@@ -74,6 +74,7 @@ class GradientReducer:
         bits: int = 32,
         two_sided: bool = False,
         topology: str = "hpc",
+        codec: str = "block",
         rounding: str = "nearest",
         error_feedback: bool = False,
         block_size: int = 512,
@@ -82,9 +83,11 @@ class GradientReducer:
     ):
         if topology == "hpc" and bits not in (32, 16):
             raise ValueError("topology 'hpc' carries 32 or 16 bits; use 'ps' for fewer")
+        if topology == "hpc" and codec == "qsgd" and bits < 32:
+            raise ValueError("the qsgd codec needs topology 'ps': an all-reduce cannot sum its codes")
         self.topology = topology
         self.two_sided = two_sided
-        self.codec = Codec(bits=bits, block=block_size, rounding=rounding)
+        self.codec = make_codec(codec, bits, block_size, rounding)
         # The aggregate goes back at the upload's precision (2-sided) or in fp32 (1-sided).
         self.down_codec = self.codec if two_sided else Codec(bits=32, block=block_size)
         self.error_feedback = error_feedback
@@ -97,6 +100,9 @@ class GradientReducer:
         self.seed = seed
         self._generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None  # restored from a checkpoint, applied on first use
+        self._segments: dict[
+            tuple, list[Segments]
+        ] = {}  # qsgd: each owner chunk's segments, per key and round
 
     def state_dict(self) -> dict[str, object]:
         """This rank's reducer state, tensors only (a checkpoint's ``dat_rank{r}.pt``): the error-feedback
@@ -115,6 +121,36 @@ class GradientReducer:
         self.server_ef.residuals = dict(state.get("server_ef", {}))
         self._generator, self._generator_state = None, state.get("generator")
 
+    @property
+    def per_tensor(self) -> bool:
+        """The codec scales each gradient tensor on its own (qsgd): reduce_ needs the tensors' sizes."""
+        return isinstance(self.codec, QSGDCodec)
+
+    def _owner_segments(
+        self, sizes: list[int] | None, key: str, r: int, start: int, stop: int, chunk: int, world: int, n: int
+    ) -> list[Segments | None]:
+        """Segments of each owner's chunk of round ``r`` (values ``start:stop`` of the flat gradient): the pieces
+        of the tensors that fall inside it, then the zero padding, all padded to one slot count."""
+        if not self.per_tensor:
+            return [None] * world
+        cache_key = (key, r, start, stop, chunk, tuple(sizes) if sizes else None)
+        if cache_key not in self._segments:
+            if sizes is not None and sum(sizes) != n:
+                raise ValueError(f"tensor sizes add up to {sum(sizes)}, the flat gradient has {n} values")
+            bounds = [0]
+            for v in sizes or [n]:  # no sizes: the whole flat gradient is one tensor
+                bounds.append(bounds[-1] + v)
+            lengths = []
+            for j in range(world):
+                lo, hi = start + j * chunk, start + (j + 1) * chunk
+                pieces = [min(b1, hi, stop) - max(b0, lo) for b0, b1 in zip(bounds, bounds[1:], strict=False)]
+                pieces = [v for v in pieces if v > 0]
+                pieces.append(chunk - sum(pieces))  # padding past the end (0 where there is none)
+                lengths.append(pieces)
+            slots = max(sum(v > 0 for v in p) for p in lengths)
+            self._segments[cache_key] = [Segments(p, slots) for p in lengths]
+        return self._segments[cache_key]
+
     def _gen(self, device: torch.device) -> torch.Generator | None:
         if self.codec.rounding != "stochastic":
             return None
@@ -130,9 +166,17 @@ class GradientReducer:
 
     # ------------------------------------------------------------------------------------------------ entry
 
-    def reduce_(self, flat: torch.Tensor, group=None, key: str = "0", exposed: bool = True) -> torch.Tensor:
+    def reduce_(
+        self,
+        flat: torch.Tensor,
+        group=None,
+        key: str = "0",
+        exposed: bool = True,
+        sizes: list[int] | None = None,
+    ) -> torch.Tensor:
         """Replace ``flat`` (any float dtype, 1-D) with its mean over the group. ``exposed``: the caller waits for
-        it (the plain path); the overlap thread passes False and accounts for the waiting itself."""
+        it (the plain path); the overlap thread passes False and accounts for the waiting itself. ``sizes``: the
+        numels of the gradient tensors ``flat`` concatenates, in order (the qsgd codec scales each on its own)."""
         world = dist.get_world_size(group)
         _sync(flat.device)
         t0 = time.perf_counter()
@@ -144,7 +188,7 @@ class GradientReducer:
             if self.topology == "hpc":
                 self._hpc(work, world, group)
             else:
-                self._ps(work, world, group, key)
+                self._ps(work, world, group, key, sizes)
         if work is not flat:
             flat.copy_(work)
         _sync(flat.device)
@@ -200,7 +244,7 @@ class GradientReducer:
         self.stats.bytes_recv += sum(b.numel() for b in recv if b is not None)
         return dist.batch_isend_irecv(ops) if ops else []
 
-    def _ps(self, x: torch.Tensor, world: int, group, key: str) -> None:
+    def _ps(self, x: torch.Tensor, world: int, group, key: str, sizes: list[int] | None = None) -> None:
         """Sharded parameter server over rounds of ``bucket_numel`` values per owner, pipelined: while round r's
         bytes travel, round r+1 is encoded and round r-1 decoded (gloo and NCCL move the bytes on their own
         threads/streams)."""
@@ -233,14 +277,15 @@ class GradientReducer:
                 src[:m] = x[start:stop]
             if ef:
                 src = self.worker_ef.add_residual(f"{key}/{r}", src)
-            enc = torch.empty(world, up.encoded_nbytes(chunk), dtype=torch.uint8, device=x.device)
+            segs = self._owner_segments(sizes, key, r, start, stop, chunk, world, n)
+            enc = torch.empty(world, up.encoded_nbytes(chunk, segs[0]), dtype=torch.uint8, device=x.device)
             with phase("encode"):
                 for j in range(world):
-                    up.encode(src[j * chunk : (j + 1) * chunk], out=enc[j], generator=gen)
+                    up.encode(src[j * chunk : (j + 1) * chunk], out=enc[j], generator=gen, segments=segs[j])
             if ef:
                 sent = torch.empty_like(src)
                 for j in range(world):
-                    up.decode(enc[j], chunk, out=sent[j * chunk : (j + 1) * chunk])
+                    up.decode(enc[j], chunk, out=sent[j * chunk : (j + 1) * chunk], segments=segs[j])
                 self.worker_ef.store(f"{key}/{r}", src, sent)
             inbox = torch.empty_like(enc)
             inbox[me].copy_(enc[me])
@@ -250,24 +295,24 @@ class GradientReducer:
                 group,
                 tag=2 * r,
             )
-            return dict(r=r, start=start, stop=stop, chunk=chunk, enc=enc, inbox=inbox, reqs=reqs)
+            return dict(r=r, start=start, stop=stop, chunk=chunk, enc=enc, inbox=inbox, reqs=reqs, segs=segs)
 
         def finish_upload(st: dict) -> None:
             with phase("wait upload"):
                 for q in st["reqs"]:
                     q.wait()
-            chunk = st["chunk"]
+            chunk, seg = st["chunk"], st["segs"][me]
             # Owner: fp32 sum of the decoded copies in rank order (the same on every run), then the mean.
             with phase("owner decode+mean"):
                 agg = up.decode_mean(
-                    st["inbox"], chunk, torch.empty(chunk, dtype=torch.float32, device=x.device)
+                    st["inbox"], chunk, torch.empty(chunk, dtype=torch.float32, device=x.device), segments=seg
                 )
             if self.two_sided and ef:
                 agg = self.server_ef.add_residual(f"{key}/{st['r']}", agg)
             with phase("owner re-encode"):
-                mine = down.encode(agg, generator=gen)
+                mine = down.encode(agg, generator=gen, segments=seg)
             if self.two_sided and ef:
-                self.server_ef.store(f"{key}/{st['r']}", agg, down.decode(mine, chunk))
+                self.server_ef.store(f"{key}/{st['r']}", agg, down.decode(mine, chunk, segments=seg))
             outbox = torch.empty(world, mine.numel(), dtype=torch.uint8, device=x.device)
             st.update(mine=mine, outbox=outbox, enc=None, inbox=None)
             st["reqs"] = self._post(
@@ -291,6 +336,7 @@ class GradientReducer:
                         st["mine"] if j == me else st["outbox"][j],
                         chunk,
                         out=dst[j * chunk : (j + 1) * chunk],
+                        segments=st["segs"][j],
                     )
             if not full:
                 x[start:stop].copy_(dst[: stop - start])

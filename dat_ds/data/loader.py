@@ -60,6 +60,9 @@ class StreamSpec:
     # ``step_offset + b // accum`` of a stream whose epochs are ``count // (micro * world * accum)`` steps long.
     cycle: bool = False
     step_offset: int = 0
+    # A pooled split (``shards.pooled_split``): sample numbers below ``pool_first`` come from the labeled set.
+    # Each micro-batch then puts those first and yields (x, y, n_labeled), for per-source metrics.
+    pool_first: int = 0
 
 
 IGNORE = -100  # the label of a skipped sample: cross_entropy's ignore_index, so it adds nothing to a loss
@@ -163,6 +166,9 @@ class TrainStream(IterableDataset):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one micro-batch. A skipped sample keeps its place (every batch has the same size on every rank)
         as a zero image with the label ``IGNORE``, which losses and accuracies leave out."""
+        first = self.spec.pool_first
+        if first:  # labeled samples first: the order inside a micro-batch changes nothing it computes
+            ids = ids[np.argsort(ids >= first, kind="stable")]
         pairs = [self._load(reader, int(i), epoch) for i in ids]
         good = [p for p in pairs if p is not None]
         if not good:
@@ -170,7 +176,8 @@ class TrainStream(IterableDataset):
                 f"every sample of micro-batch {b} (sample numbers {ids.tolist()}) is undecodable"
             )
         blank = torch.zeros_like(good[0][0])
-        return _collate([p if p is not None else (blank, IGNORE) for p in pairs])
+        x, y = _collate([p if p is not None else (blank, IGNORE) for p in pairs])
+        return (x, y, int((ids < first).sum())) if first else (x, y)
 
     def _load(self, reader: SampleReader, i: int, epoch: int) -> tuple[torch.Tensor, int] | None:
         s = self.spec

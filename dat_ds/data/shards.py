@@ -90,6 +90,19 @@ class ShardIndex:
         return self.splits[name]
 
 
+def pooled_split(first: Split, second: Split) -> Split:
+    """One split of two: sample numbers 0 .. first.count-1 are ``first``'s, the rest ``second``'s (the official
+    DAT code's CIFAR-10 + 500K pseudo-labelled images as one training set)."""
+    if first.members is None or second.members is None:
+        raise ShardError(
+            "pooling two shard sets needs both member tables; add them with python -m data_prep.members"
+        )
+    extra = np.array(second.members, dtype=np.int64)
+    extra[:, M_SHARD] += len(first.shards)
+    members = np.concatenate([np.asarray(first.members, dtype=np.int64), extra])
+    return Split(first.shards + second.shards, members, f"{first.members_file}+{second.members_file}")
+
+
 def write_tar(path: Path, samples: list[Sample]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:

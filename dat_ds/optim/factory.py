@@ -66,6 +66,7 @@ def build_optimizer(
         momentum=cfg.momentum,
         c_lower=cfg.c_lower,
         c_upper=cfg.c_upper,
+        bias_correction=cfg.bias_correction,
     )
 
 

@@ -2,7 +2,9 @@
 
 For every parameter tensor (a "layer")::
 
-    u      = Adam direction m_hat / (sqrt(v_hat) + eps)      (moments="adam", LAMB)
+    u      = Adam direction m_hat / (sqrt(v_hat) + eps)      (moments="adam", LAMB; with bias_correction=False,
+                                                              m / (sqrt(v) + eps), as the official DAT code's
+                                                              LAMB, cybertronai's, which has none)
            | momentum buffer  b <- mu * b + g                (moments="momentum", LARS-like)
     u      = u + wd * theta                                  (decoupled weight decay, inside the update)
     theta <- theta - tau(||theta||) * lr * u / ||u||,        tau(z) = min(max(z, c_l), c_u)
@@ -42,6 +44,7 @@ class LALR(Optimizer):
         c_lower: float = 0.0,
         c_upper: float = 10.0,
         adapt: bool = True,
+        bias_correction: bool = True,
     ):
         if moments not in ("adam", "momentum"):
             raise ValueError(f"moments={moments!r}: choose 'adam' or 'momentum'")
@@ -57,6 +60,7 @@ class LALR(Optimizer):
             c_lower=c_lower,
             c_upper=c_upper,
             adapt=adapt,
+            bias_correction=bias_correction,
         )
         super().__init__(params, defaults)
         self.last_trust_ratios: list[torch.Tensor] = []
@@ -128,7 +132,7 @@ class LALR(Optimizer):
         torch._foreach_lerp_(ms, grads, 1 - beta1)
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-        bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+        bc1, bc2 = (1 - beta1**step, 1 - beta2**step) if group.get("bias_correction", True) else (1.0, 1.0)
         denom = torch._foreach_sqrt(vs)
         torch._foreach_div_(denom, bc2**0.5)
         torch._foreach_add_(denom, group["eps"])
