@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.runs import BIN, REPO, Stages, ds_cmd
+from dat_ds.run_folder import CERTIFY_JSON, CERTIFY_TSV, RunFolder
 
 RECIPE = REPO / "recipes" / "cifar10_cpu_tables.toml"
 DATA = REPO / "data"
@@ -185,7 +186,7 @@ def _train(a, study: Stages, key: str, overrides: list[str], ranks: int, port: i
     run = a.out / key
     study.run(
         f"train_{key}",
-        (run / "model.safetensors").is_file(),
+        RunFolder(run).model_file.is_file(),
         ds_cmd("dat_ds.train", str(RECIPE), "--set", f'out_dir="{a.out}"', "--set", f'name="{key}"',
                *[x for o in overrides for x in ("--set", o)], "--resume", "auto", nproc=ranks, port=port),
     )  # fmt: skip
@@ -193,7 +194,7 @@ def _train(a, study: Stages, key: str, overrides: list[str], ranks: int, port: i
 
 def _evaluate(a, study: Stages, key: str, autoattack: bool, port: int) -> None:
     run = a.out / key
-    ev = run / "eval.json"
+    ev = RunFolder(run).eval_file()
     done = ev.is_file() and (not autoattack or json.loads(ev.read_text()).get("autoattack_acc") is not None)
     args = [str(run), "--subset", str(EVAL_N), "--seed", "0", "--chunk", "125"]
     args += ["--no-square-check"] if autoattack else ["--no-autoattack"]
@@ -222,7 +223,10 @@ def table2(a, study: Stages, t: int) -> None:
         key = smooth_key(sigma, n, unit)
         port += 2
         _train(a, study, key, smooth_overrides(sigma, n, unit), 2, port)
-        cert = a.out / key / "certify" / f"sigma{sigma:g}_n0100_n10000_alpha0.001_every20" / "certify.json"
+        cert = (
+            RunFolder(a.out / key).certify_dir(f"sigma{sigma:g}_n0100_n10000_alpha0.001_every20")
+            / CERTIFY_JSON
+        )
         study.run(f"certify_{key}", cert.is_file(),
                   ds_cmd("dat_ds.certify", str(a.out / key), "--sigma", str(sigma), *CERT, port=port + 1))  # fmt: skip
         write_report(a, study.times)
@@ -286,9 +290,9 @@ def _summaries(a, keys: list[str], times: dict) -> dict:
     out = {}
     for key in keys:
         run = a.out / key
-        if (run / "eval.json").is_file():
+        if RunFolder(run).eval_file().is_file():
             s = summarize(run)
-            recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            recs = RunFolder(run).read_metrics()
             s["theory"] = recs[-1]["data_mb_per_iter_theory"]
             s["steps"] = recs[-1]["steps"]
             s["train_s"] = times.get(f"train_{key}", float("nan"))
@@ -413,11 +417,14 @@ def _table2(a) -> str:
              "|" + "---|" * (4 + len(RADII))]  # fmt: skip
     for sigma, n, unit in SMOOTH:
         key = smooth_key(sigma, n, unit)
-        cert = a.out / key / "certify" / f"sigma{sigma:g}_n0100_n10000_alpha0.001_every20" / "certify.json"
+        cert = (
+            RunFolder(a.out / key).certify_dir(f"sigma{sigma:g}_n0100_n10000_alpha0.001_every20")
+            / CERTIFY_JSON
+        )
         if not cert.is_file():
             continue
         c = json.loads(cert.read_text())
-        recs = [json.loads(x) for x in (a.out / key / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        recs = RunFolder(a.out / key).read_metrics()
         ca = c["certified_accuracy"]
         times = json.loads((a.out / "times.json").read_text())
         label = f"σ = {sigma}, N = {n}" + (" (pairs: N = 2's compute)" if unit == "pairs" else "")
@@ -469,7 +476,10 @@ def plot(a, done: dict) -> None:
 
     for sigma, n, unit in SMOOTH:
         key = smooth_key(sigma, n, unit)
-        tsv = a.out / key / "certify" / f"sigma{sigma:g}_n0100_n10000_alpha0.001_every20" / "certify.tsv"
+        tsv = (
+            RunFolder(a.out / key).certify_dir(f"sigma{sigma:g}_n0100_n10000_alpha0.001_every20")
+            / CERTIFY_TSV
+        )
         if tsv.is_file():
             rows_ = [ln.split("\t") for ln in tsv.read_text().splitlines()[1:] if ln.strip()]
             radius = np.array([float(r[3]) for r in rows_])

@@ -59,28 +59,22 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
 
-    import deepspeed
     import timm
 
     from dat_ds.comm import engine_seam
-    from dat_ds.comm.transport import GradientReducer
-    from dat_ds.engine import init_distributed
+    from dat_ds.config import CommConfig
+    from dat_ds.engine import init_distributed, make_engine, make_reducer
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = timm.create_model("resnet50")
     numel = sum(p.numel() for p in model.parameters())
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        config={
-            "train_batch_size": world,
-            "train_micro_batch_size_per_gpu": 1,
-            "zero_optimization": {"stage": 0},
-            "steps_per_print": 10**9,
-        },
-    )
+    ds_config = {"train_batch_size": world, "train_micro_batch_size_per_gpu": 1,
+                 "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}  # fmt: skip
+    # the engine training builds; each row below swaps in its own aggregation (after backward: the seam alone)
+    engine, _ = make_engine(model, torch.optim.SGD(model.parameters(), lr=0.1), None, ds_config,
+                            comm=CommConfig(overlap=False), seed=0)  # fmt: skip
     g = torch.Generator().manual_seed(1 + rank)
     grads = [torch.randn(p.shape, generator=g) * 1e-2 for p in engine.module.parameters()]
 
@@ -112,7 +106,7 @@ def main() -> None:
     for name, s in settings:
         if a.only and a.only not in name:
             continue
-        reducer = GradientReducer(bucket_mb=a.bucket_mb, **s)
+        reducer = make_reducer(CommConfig(bucket_mb=a.bucket_mb, **s), seed=0)
         engine_seam.install(engine, reducer)
 
         def step() -> None:

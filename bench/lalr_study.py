@@ -14,10 +14,10 @@ c_u = 10, as the official DAT code) was fixed before the large-batch rows were r
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from bench.runs import launch
+from dat_ds.run_folder import RunFolder
 
 B = 64
 EPOCHS = 15
@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for i, (label, ranks, batch, micro, opt) in enumerate(ROWS):
         if a.reuse:
-            recs = [
-                json.loads(ln) for ln in (a.runs / f"r{i}" / "metrics.jsonl").read_text().splitlines() if ln
-            ]
+            recs = RunFolder(a.runs / f"r{i}").read_metrics()
             results.append((label, ranks, batch, recs))
             continue
         ov = [

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from bench.paper_tables import LALR, SGD, B
 from bench.runs import BIN, REPO, Stages, ds_cmd
+from dat_ds.run_folder import RunFolder
 
 DATA = REPO / "data" / "mnist_val5k"
 COMMON = [f'data.shards="{DATA}"', 'eval.split="val"', "train.layer_stats_every=1",
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             port += 2
             study.run(
                 f"train_{key}",
-                (run / "model.safetensors").is_file(),
+                RunFolder(run).model_file.is_file(),
                 ds_cmd("dat_ds.train", str(REPO / "recipes/mnist_paper_tables.toml"), "--set", f'out_dir="{a.out}"',
                        "--set", f'name="{key}"', *[x for o in COMMON + overrides for x in ("--set", o)],
                        "--resume", "auto", port=port),
@@ -102,7 +103,7 @@ def layer_table(out: Path) -> tuple[list[str], dict]:
     the share of LALR's steps at which ||theta|| exceeded c_u = 10 (the clip binds)."""
     from dat_ds.layer_stats import read_layer_stats
 
-    files = {k: out / k / "layer_stats.jsonl" for k in ("sgd", "lalr")}
+    files = {k: RunFolder(out / k).layer_stats_file for k in ("sgd", "lalr")}
     if not all((out / k / "eval_val.json").is_file() for k in files):
         return [], {}
     recs = {k: read_layer_stats(f) for k, f in files.items()}

@@ -13,11 +13,11 @@ not run again (delete runs/official_gap to start over).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 from bench.runs import launch
+from dat_ds.run_folder import RunFolder
 
 OFFICIAL = [59.17, 57.22, 60.83, 58.61, 59.44, 57.78]  # PGD-20 RA %, seeds 0-5 (issue 8)
 DATDS_BEFORE = [55.56, 55.83, 57.78, 54.44, 59.72, 58.61]  # dat-ds with per-slot shard dealing (issue 8)
@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for seed in range(a.seeds):
         name = f"seed{seed}"
-        done = a.runs / name / "model.safetensors"
+        done = RunFolder(a.runs / name).model_file
         if done.is_file():
-            recs = [json.loads(x) for x in (a.runs / name / "metrics.jsonl").read_text().splitlines() if x]
+            recs = RunFolder(a.runs / name).read_metrics()
         else:
             recs = launch("digits_dat_pgd.toml", name, a.runs, [f"train.seed={seed}", "eval.every_epochs=15"])
         last = recs[-1]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.runs import BIN, REPO, Stages, ds_cmd
+from dat_ds.run_folder import RunFolder
 
 B = 64
 OFFICIAL_ATTACK = ['attack.bn_mode="eval"', "attack.start_in_box=false", "loss.clean_weight=1.0"]
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             port += 2
             study.run(
                 f"train_{row.key}",
-                (run / "model.safetensors").is_file(),
+                RunFolder(run).model_file.is_file(),
                 ds_cmd("dat_ds.train", str(REPO / "recipes/mnist_paper_tables.toml"), "--set", f'out_dir="{a.out}"',
                        "--set", f'name="{row.key}"', "--set", f"train.global_batch_size={row.batch}", "--set",
                        f"train.micro_batch_size={row.micro}", "--set", f"train.seed={row.seed}",
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             )  # fmt: skip
             study.run(
                 f"eval_{row.key}",
-                (run / "eval.json").is_file(),
+                RunFolder(run).eval_file().is_file(),
                 ds_cmd("dat_ds.evaluate", str(run), "--subset", "1000", "--seed", "0", "--chunk", "125",
                        "--no-autoattack", port=port + 1),
             )  # fmt: skip
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                 if 1 not in row.tables:
                     continue
                 run = a.out / row.key
-                ev = json.loads((run / "eval.json").read_text())
+                ev = json.loads(RunFolder(run).eval_file().read_text())
                 study.run(
                     f"autoattack_{row.key}",
                     ev.get("autoattack_acc") is not None,
@@ -207,9 +208,9 @@ def write_report(a, times: dict) -> None:
     done = {}
     for row in rows():
         run = a.out / row.key
-        if (run / "eval.json").is_file():
+        if RunFolder(run).eval_file().is_file():
             s = summarize(run)
-            recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            recs = RunFolder(run).read_metrics()
             s["theory"] = recs[-1]["data_mb_per_iter_theory"]
             s["steps"] = recs[-1]["steps"]
             s["row_s"] = times.get(f"train_{row.key}", float("nan")) + times.get(f"eval_{row.key}", 0.0)

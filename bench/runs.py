@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dat_ds.run_folder import RunFolder
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -35,7 +37,7 @@ def launch(recipe: str, name: str, out_dir: Path, overrides: list[str], nproc: i
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return RunFolder(run).read_metrics()
 
 
 class Stages:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from bench.runs import BIN, REPO, Stages, ds_cmd
+from dat_ds.run_folder import RunFolder
 
 REFERENCE = "mnist_all_dat_pgd"
 RUNS = [
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     std = a.out / "mnist_l100_standard"
     stage(
         "train_pseudo_labeller",
-        (std / "model.safetensors").is_file(),
+        RunFolder(std).model_file.is_file(),
         ds_cmd(
             "dat_ds.train",
             str(REPO / "recipes/mnist_l100_standard.toml"),
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, (name, _) in enumerate(RUNS):
         stage(
             f"train_{name}",
-            (a.out / name / "model.safetensors").is_file(),
+            RunFolder(a.out / name).model_file.is_file(),
             ds_cmd(
                 "dat_ds.train",
                 str(REPO / f"recipes/{name}.toml"),
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         stage(
             f"eval_{name}",
-            (a.out / name / "eval.json").is_file(),
+            RunFolder(a.out / name).eval_file().is_file(),
             ds_cmd("dat_ds.evaluate", str(a.out / name), "--subset", str(a.eval_n), "--seed", "0",
                "--chunk", str(a.eval_n // 2), "--no-square-check",
                *(["--no-autoattack"] if name == REFERENCE and not a.reference_autoattack else []), port=29820 + i),
@@ -117,11 +118,9 @@ def write_report(out: Path, docs: Path, times: dict) -> None:
     rows = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, label in RUNS:
-        ev = json.loads((out / name / "eval.json").read_text())
+        ev = json.loads(RunFolder(out / name).eval_file().read_text())
         aa = "not run" if ev["autoattack_acc"] is None else f"{100 * ev['autoattack_acc']:.2f}"
-        recs = [
-            json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines() if ln.strip()
-        ]
+        recs = RunFolder(out / name).read_metrics()
         last = recs[-1]
         rows.append(
             f"| {label} | {last['steps']} | {100 * ev['clean_acc']:.2f} | {100 * ev['pgd_acc']:.2f} | "
@@ -140,8 +139,8 @@ def write_report(out: Path, docs: Path, times: dict) -> None:
     fig.tight_layout()
     docs.mkdir(exist_ok=True)
     fig.savefig(docs / "semisup_mnist.png", dpi=110)
-    cfg = json.loads((out / "mnist_semisup_dat_pgd" / "config.json").read_text())
-    ev0 = json.loads((out / RUNS[0][0] / "eval.json").read_text())
+    cfg = RunFolder(out / "mnist_semisup_dat_pgd").read_recipe()
+    ev0 = json.loads(RunFolder(out / RUNS[0][0]).eval_file().read_text())
     text = f"""# Semi-supervised DAT on MNIST: 1,000 labels + 59,000 pseudo-labelled images
 
 Made by `python -m bench.semisup_mnist` ({time.strftime("%Y-%m-%d")}, this 2-core CPU machine, no GPU; every run

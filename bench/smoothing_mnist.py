@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from bench.runs import BIN, REPO, Stages, ds_cmd
+from dat_ds.run_folder import CERTIFY_JSON, RunFolder
 
 RUNS = [(sigma, n) for sigma in (0.12, 0.25) for n in (2, 20)]
 
@@ -43,13 +44,13 @@ def main(argv: list[str] | None = None) -> None:
         run = a.out / name
         steps = {
             f"train_{name}": (
-                (run / "model.safetensors").is_file(),
+                RunFolder(run).model_file.is_file(),
                 ds_cmd("dat_ds.train", str(REPO / "recipes/mnist_smooth_gaussian.toml"), "--set", f'out_dir="{a.out}"',
                    "--set", f'name="{name}"', "--set", f"smoothing.sigma={sigma}", "--set",
                    f"smoothing.noise_samples={n}", "--resume", "auto", port=29850 + i),
             ),
             f"certify_{name}": (
-                bool(list(run.glob("certify/*/certify.json"))),
+                bool(list(RunFolder(run).certify_dir().glob(f"*/{CERTIFY_JSON}"))),
                 ds_cmd("dat_ds.certify", str(run), "--sigma", str(sigma), "--N0", "100", "--N", str(a.certify_n),
                    "--alpha", "0.001", "--subset", str(a.subset), "--seed", "0", "--chunk", "25", "--batch", "2000",
                    port=29860 + i),
@@ -76,14 +77,11 @@ def write_report(a, times: dict) -> None:
         curves[f"σ = {sigma:g}, N = {n}"] = (radius, correct)
     a.docs.mkdir(exist_ok=True)
     plot_certified(a.docs / "smoothing_mnist.png", curves)
-    cert = json.loads(next((a.out / run_name(*RUNS[0])).glob("certify/*/certify.json")).read_text())
-    cfg = json.loads((a.out / run_name(*RUNS[0]) / "config.json").read_text())
-    metrics = {
-        run_name(s, n): [
-            json.loads(x) for x in (a.out / run_name(s, n) / "metrics.jsonl").read_text().splitlines()
-        ]
-        for s, n in RUNS
-    }
+    cert = json.loads(
+        next(RunFolder(a.out / run_name(*RUNS[0])).certify_dir().glob(f"*/{CERTIFY_JSON}")).read_text()
+    )
+    cfg = RunFolder(a.out / run_name(*RUNS[0])).read_recipe()
+    metrics = {run_name(s, n): RunFolder(a.out / run_name(s, n)).read_metrics() for s, n in RUNS}
     train_lines = "\n".join(
         f"| {k} | {m[-1]['steps']} | {sum(r['epoch_time_s'] for r in m):.0f} | {times.get('train_' + k, float('nan')):.0f} | "
         f"{times.get('certify_' + k, float('nan')):.0f} | {100 * m[-1]['clean_acc']:.2f} |"

@@ -59,15 +59,12 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
 
-    import deepspeed
     import timm
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from dat_ds.comm import engine_seam
-    from dat_ds.comm.transport import GradientReducer
-    from dat_ds.config import load_config
-    from dat_ds.engine import init_distributed
+    from dat_ds.config import CommConfig, load_config
+    from dat_ds.engine import build_ds_config, init_distributed, make_engine
     from dat_ds.models import NormalizedModel
     from dat_ds.objectives import OBJECTIVES
 
@@ -146,22 +143,15 @@ def main() -> None:
         if a.only and a.only not in name:
             continue
         model = new_model()
-        engine, *_ = deepspeed.initialize(
-            model=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
-            config={
-                "train_batch_size": a.batch * world,
-                "train_micro_batch_size_per_gpu": a.batch,
-                "zero_optimization": {"stage": 0},
-                "steps_per_print": 10**9,
-            },
-        )
-        reducer = GradientReducer(**s)
-        engine_seam.install(engine, reducer, a.overlap_bucket_mb if overlap else None)
+        comm = CommConfig(**s, overlap=bool(overlap), overlap_bucket_mb=a.overlap_bucket_mb)
+        engine, reducer = make_engine(  # the engine training builds, with this row's aggregation
+            model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), None, build_ds_config(cfg, world),
+            comm=comm, seed=0,
+        )  # fmt: skip
         engine.train()
 
         def step(x, y, engine=engine, local=overlap is None) -> float:
-            out = objective(engine, engine.module, x, y, cfg)
+            out = objective(engine, engine.module, x, y, cfg, epoch=0)
             tb = time.perf_counter()
             if local:  # the same step without any communication: DeepSpeed skips the reduction under no_sync
                 with engine.no_sync():
@@ -197,11 +187,11 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
                 if local:
                     with ddp.no_sync():
-                        out = objective(ddp, net, x, y, cfg)
+                        out = objective(ddp, net, x, y, cfg, epoch=0)
                         tb = time.perf_counter()
                         out.loss.backward()
                 else:
-                    out = objective(ddp, net, x, y, cfg)
+                    out = objective(ddp, net, x, y, cfg, epoch=0)
                     tb = time.perf_counter()
                     out.loss.backward()
                 tb = time.perf_counter() - tb

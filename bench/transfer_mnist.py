@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench.runs import BIN, REPO, Stages, ds_cmd
+from dat_ds.run_folder import RunFolder
 
 PRETRAINS = ("mnist_pretrain_dat_pgd", "mnist_pretrain_standard")
 STARTS = {"scratch": "", "robust": "mnist_pretrain_dat_pgd", "standard": "mnist_pretrain_standard"}
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, name in enumerate(PRETRAINS):
         study.run(
             f"pretrain_{name}",
-            (a.out / name / "model.safetensors").is_file(),
+            RunFolder(a.out / name).model_file.is_file(),
             ds_cmd("dat_ds.train", str(REPO / f"recipes/{name}.toml"), "--set", f'out_dir="{a.out}"', "--resume",
                    "auto", port=29870 + i),
         )  # fmt: skip
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                 port += 2
                 study.run(
                     f"finetune_{name}",
-                    (run / "model.safetensors").is_file(),
+                    RunFolder(run).model_file.is_file(),
                     ds_cmd("dat_ds.train", str(REPO / "recipes/digits_finetune_mnist_dat_pgd.toml"), "--set",
                            f'out_dir="{a.out}"', "--set", f'name="{name}"', "--set", f"finetune.init_from={init}",
                            "--set", f"train.epochs={epochs}", "--set", f"train.seed={seed}", "--resume", "auto",
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                 extra = ["--no-autoattack"] if a.no_autoattack else []
                 study.run(
                     f"eval_{name}",
-                    (run / "eval.json").is_file(),
+                    RunFolder(run).eval_file().is_file(),
                     ds_cmd("dat_ds.evaluate", str(run), "--chunk", "90", "--no-square-check", "--seed", "0",
                            *extra, port=port + 1),
                 )  # fmt: skip
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _metrics(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return RunFolder(run).read_metrics()
 
 
 def write_report(a, times: dict) -> None:
@@ -103,7 +104,7 @@ def write_report(a, times: dict) -> None:
     for epochs in BUDGETS:
         for start in STARTS:
             evs = [
-                json.loads((a.out / run_name(start, epochs, s) / "eval.json").read_text())
+                json.loads(RunFolder(a.out / run_name(start, epochs, s)).eval_file().read_text())
                 for s in SEEDS[epochs]
             ]
 
@@ -139,8 +140,8 @@ def write_report(a, times: dict) -> None:
         for key, name in (("pgd_acc", "RA"), ("autoattack_acc", "AA")):
             for other in ("scratch", "standard"):
                 d = [
-                    json.loads((a.out / run_name("robust", epochs, s) / "eval.json").read_text())[key]
-                    - json.loads((a.out / run_name(other, epochs, s) / "eval.json").read_text())[key]
+                    json.loads(RunFolder(a.out / run_name("robust", epochs, s)).eval_file().read_text())[key]
+                    - json.loads(RunFolder(a.out / run_name(other, epochs, s)).eval_file().read_text())[key]
                     for s in SEEDS[epochs]
                 ]
                 wins = sum(x > 0 for x in d)
@@ -148,12 +149,12 @@ def write_report(a, times: dict) -> None:
                     f"| {epochs} | {name} | robust − {other} | {100 * np.mean(d):+.2f} | "
                     f"{' / '.join(f'{100 * x:+.2f}' for x in d)} | {wins} of {len(d)} |"
                 )
-    ev0 = json.loads((a.out / run_name("robust", BUDGETS[0], 0) / "eval.json").read_text())
+    ev0 = json.loads(RunFolder(a.out / run_name("robust", BUDGETS[0], 0)).eval_file().read_text())
     ft_time = {
         e: np.mean([times.get(f"finetune_{run_name(s, e, 0)}", np.nan) for s in STARTS]) for e in BUDGETS
     }
     ev_time = np.mean([times.get(f"eval_{run_name(s, BUDGETS[0], 0)}", np.nan) for s in STARTS])
-    init = json.loads((a.out / run_name("robust", BUDGETS[0], 0) / "init.json").read_text())
+    init = json.loads(RunFolder(a.out / run_name("robust", BUDGETS[0], 0)).init_file.read_text())
     text = f"""# Robust pretraining on MNIST, then robust finetuning on digits (the DAT paper's Fig. 2, scaled down)
 
 Made by `python -m bench.transfer_mnist` ({time.strftime("%Y-%m-%d")}, this 2-core CPU machine, no GPU; every run and

@@ -1,14 +1,23 @@
-"""l-inf attacks as pure functions in [0,1] pixel space.
+"""Attacks as pure functions in [0,1] pixel space: one ascent loop, two steps (l-inf and l2), four losses.
 
-They differentiate with ``torch.autograd.grad(loss, delta)`` only: parameter ``.grad`` is never touched, so they
-are safe between DeepSpeed micro-steps. Pass the bare module (``engine.module``), never the engine: its forward
-installs backward hooks that a ``.grad`` call would trip.
+``ascend(loss_at, x, delta, steps, step)`` is the loop every attack runs: the gradient of ``loss_at(x + delta)``
+with respect to ``delta`` only (``torch.autograd.grad``: parameter ``.grad`` is never touched, so attacks are safe
+between DeepSpeed micro-steps), then ``delta = step(delta, grad)``. The steps:
+
+- ``LinfStep``: delta + size * sign(g), clipped to the eps-ball, then x + delta to the image box (PGD, FGSM, TRADES);
+- ``L2Step``: delta + size * g / ||g|| (a random normal direction where g = 0), x + delta clamped to the box, then
+  scaled into the l2 ball (Salman et al.'s ``PGD_L2``, whose order this keeps).
+
+The attacks (``pgd``, ``fgsm``, ``trades_attack``, ``smooth_adv_l2``) only choose a start, a loss and a step. Pass
+the bare module (``engine.module``), never the engine: its forward installs backward hooks that a ``.grad`` call
+would trip.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +40,59 @@ def _project(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
     return (x + delta.clamp(-eps, eps)).clamp(0, 1) - x
 
 
-def _input_grad(
-    model: nn.Module, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor, clamp: bool = False
+def _bshape(x: torch.Tensor) -> tuple[int, ...]:
+    return (-1, *[1] * (x.dim() - 1))
+
+
+@dataclass(frozen=True)
+class LinfStep:
+    size: float
+    eps: float
+    x: torch.Tensor
+
+    def __call__(self, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return _project(self.x, delta + self.size * grad.sign(), self.eps)
+
+
+@dataclass(frozen=True)
+class L2Step:
+    size: float
+    eps: float
+    x: torch.Tensor
+
+    def __call__(self, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        g_norm = grad.flatten(1).norm(dim=1).view(_bshape(grad))
+        g = torch.where(g_norm > 0, grad / g_norm.clamp_min(1e-30), torch.randn_like(grad))
+        delta = (self.x + delta + self.size * g).clamp(0, 1) - self.x
+        d_norm = delta.flatten(1).norm(dim=1).view(_bshape(delta))
+        return delta * (
+            self.eps / d_norm.clamp_min(self.eps)
+        )  # into the ball; shrinking towards x stays in [0,1]
+
+
+def ascend(
+    loss_at: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    steps: int,
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """Gradient of the batch-mean cross-entropy at ``x + delta`` (``clamp``: at ``clamp(x + delta, 0, 1)``, the
-    gradient flowing through the clamp) with respect to ``delta``."""
-    delta.requires_grad_(True)
-    inp = (x + delta).clamp(0, 1) if clamp else x + delta
-    logits = model(inp)  # fp32 pixels: the model normalizes in fp32 (models.NormalizedModel)
-    loss = F.cross_entropy(logits.float(), y)
-    (grad,) = torch.autograd.grad(loss, [delta])
-    return grad
+    """``steps`` ascent steps on ``loss_at(x + delta)`` from ``delta``; returns the final delta (detached)."""
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        (g,) = torch.autograd.grad(loss_at(x + delta), [delta])
+        delta = step(delta.detach(), g)
+    return delta.detach()
+
+
+def _ce(model: nn.Module, y: torch.Tensor, clamp: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The batch-mean cross-entropy at an input (``clamp``: at the input clamped to [0,1], the gradient flowing
+    through the clamp). fp32 pixels: the model normalizes in fp32 (models.NormalizedModel)."""
+
+    def loss(inp: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(inp.clamp(0, 1) if clamp else inp).float(), y)
+
+    return loss
 
 
 def pgd(
@@ -55,20 +106,23 @@ def pgd(
     rand_init: bool = True,
     restarts: int = 1,
     start_in_box: bool = True,
+    starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PGD-K (Madry et al. 2018). With restarts, keeps per example the first perturbation that fools the model.
     ``start_in_box=False``: the random start is not projected into [0,1] before the first gradient (the official
-    DAT code's ``attack.py``); every later iterate is."""
+    DAT code's ``attack.py``); every later iterate is. ``starts``: the random starts, (restarts, *x.shape), drawn by
+    the caller (so that they do not depend on how a caller batches its examples); else drawn here."""
     x = x.detach().float()
     best = x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    for _ in range(restarts):
-        delta = torch.empty_like(x).uniform_(-eps, eps) if rand_init else torch.zeros_like(x)
+    for r in range(restarts):
+        if starts is not None:
+            delta = starts[r].to(x.device, torch.float32)
+        else:
+            delta = torch.empty_like(x).uniform_(-eps, eps) if rand_init else torch.zeros_like(x)
         if start_in_box:
             delta = _project(x, delta, eps)
-        for _ in range(steps):
-            g = _input_grad(model, x, delta, y)
-            delta = _project(x, delta.detach() + step_size * g.sign(), eps)
+        delta = ascend(_ce(model, y), x, delta, steps, LinfStep(step_size, eps, x))
         x_adv = (x + delta).detach()
         if restarts == 1:
             return x_adv
@@ -98,8 +152,8 @@ def fgsm(
     delta = torch.empty_like(x).uniform_(-eps, eps) if rand_init else torch.zeros_like(x)
     if start_in_box:
         delta = _project(x, delta, eps)
-    g = _input_grad(model, x, delta, y, clamp=not start_in_box)
-    return (x + _project(x, delta.detach() + step_size * g.sign(), eps)).detach()
+    delta = ascend(_ce(model, y, clamp=not start_in_box), x, delta, 1, LinfStep(step_size, eps, x))
+    return (x + delta).detach()
 
 
 def _kl_to(log_p_adv: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
@@ -124,12 +178,11 @@ def trades_attack(
     with torch.no_grad():
         p_clean = F.softmax(model(x).float(), 1)
     start = torch.empty_like(x).uniform_(-eps, eps) if uniform_init else init_std * torch.randn_like(x)
-    delta = _project(x, start, eps)
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        kl = _kl_to(F.log_softmax(model(x + delta).float(), 1), p_clean).sum()
-        (g,) = torch.autograd.grad(kl, [delta])
-        delta = _project(x, delta.detach() + step_size * g.sign(), eps)
+
+    def kl(inp: torch.Tensor) -> torch.Tensor:
+        return _kl_to(F.log_softmax(model(inp).float(), 1), p_clean).sum()
+
+    delta = ascend(kl, x, _project(x, start, eps), steps, LinfStep(step_size, eps, x))
     return (x + delta).detach()
 
 
@@ -144,23 +197,14 @@ def smooth_adv_l2(
 ) -> torch.Tensor:
     """SmoothAdv's attack (Salman et al. 2019): l2 PGD on the soft smoothed classifier, -log of the mean softmax
     over the m noisy copies ``x + noise`` (``noise``: (m * B, ...), copy j of example i at row i * m + j, fixed over
-    the steps), from delta = 0, step 2 * eps / steps along the normalized gradient, then clamped to [0,1] and
-    scaled back into the l2 ball, in that order (their ``PGD_L2``: ``clamp_``, then ``renorm_``)."""
+    the steps), from delta = 0, ``L2Step`` of 2 * eps / steps."""
     from .smoothing import smoothed_log_prob
 
     x = x.detach().float()
     m = len(noise) // len(x)
-    step = 2 * eps / steps
-    delta = torch.zeros_like(x)
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        loss = F.nll_loss(smoothed_log_prob(model, (x + delta).repeat_interleave(m, dim=0) + noise, m), y)
-        (g,) = torch.autograd.grad(loss, [delta])
-        g_norm = g.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
-        # a zero gradient moves along a random normal direction instead, as their code does
-        g = torch.where(g_norm > 0, g / g_norm.clamp_min(1e-30), torch.randn_like(g))
-        delta = delta.detach() + step * g
-        delta = (x + delta).clamp(0, 1) - x
-        d_norm = delta.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
-        delta = delta * (eps / d_norm.clamp_min(eps))  # into the l2 ball; shrinking towards x stays in [0,1]
+
+    def loss(inp: torch.Tensor) -> torch.Tensor:
+        return F.nll_loss(smoothed_log_prob(model, inp.repeat_interleave(m, dim=0) + noise, m), y)
+
+    delta = ascend(loss, x, torch.zeros_like(x), steps, L2Step(2 * eps / steps, eps, x))
     return (x + delta).detach()

@@ -14,26 +14,35 @@ and returns the class with radius sigma * Phi^-1(p_lower), or abstains (-1) when
 
 Writes ``RUN/certify/sigma<S>_n<n>_...``: ``certify.tsv`` (Cohen's columns: idx, label, predict, radius, correct,
 time; plus predict_smoothed with --predict-n), ``certify.json`` (certified accuracy at radii 0 to 1 in steps of
-0.05, the settings, timings) and ``certified_accuracy.png``. Each finished chunk is saved at once under ``parts/``:
-a killed certification, started again with the same arguments, continues with the chunks still missing. Rank 0
-prints progress with an estimate of the time left.
+0.05, the settings, the model's sha256, timings) and ``certified_accuracy.png``, and logs the certified accuracies
+into the run's wandb run. The chunks run through ``dat_ds.stage``: each finished chunk is saved at once, verified
+when reused; a killed certification, started again with the same arguments, continues with the chunks still
+missing, and a second one on the same folder is refused while the first runs. Rank 0 shows its progress.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from .cli import UsageError, add_examples, add_model, check_examples, command, number, parser
 from .models import inference_model
+from .run_folder import (
+    CERTIFY_JSON,
+    CERTIFY_PLOT,
+    CERTIFY_TSV,
+    PARTS,
+    RunFolder,
+    atomic_write,
+    atomic_write_json,
+)
 from .smoothing import ABSTAIN, certify_counts, predict_counts, sample_counts
+from .stage import Stage, file_sha256, stage_device
 
 RADII = [round(0.05 * i, 2) for i in range(21)]  # 0, 0.05, ..., 1.0
 COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
@@ -68,116 +77,96 @@ def certified_accuracy(radius: np.ndarray, correct: np.ndarray, radii=RADII) -> 
     return {f"{r:.2f}": float(((radius >= r) & (correct == 1)).mean()) for r in radii}
 
 
-def _write_rows(path: Path, rows: list[list], header: list[str]) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write("\t".join(header) + "\n")
-        for row in rows:
-            f.write("\t".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_rows(path: Path) -> list[list[str]]:
-    return [ln.split("\t") for ln in path.read_text().splitlines()[1:] if ln.strip()]
-
-
-def out_folder(run_dir: Path, a) -> Path:
+def out_folder(run: RunFolder, a) -> Path:
     which = f"every{a.every}" if a.every else f"subset{a.subset}_seed{a.seed}"
-    tag = f"sigma{a.sigma:g}_n0{a.n0}_n{a.n}_alpha{a.alpha:g}_{which}"
-    return run_dir / "certify" / tag
+    return run.certify_dir(f"sigma{a.sigma:g}_n0{a.n0}_n{a.n}_alpha{a.alpha:g}_{which}")
+
+
+def _tsv(cols: dict[str, np.ndarray], header: list[str]) -> str:
+    lines = ["\t".join(header)]
+    for i in range(len(cols["idx"])):
+        lines.append(
+            "\t".join(
+                f"{cols[h][i]:.6g}" if cols[h].dtype.kind == "f" else str(int(cols[h][i])) for h in header
+            )
+        )
+    return "\n".join(lines) + "\n"
 
 
 def run_certification(a) -> dict | None:
     from .data.shards import load_index
-    from .evaluate import load_examples, progress, select_indices
     from .export import load_exported
+    from .robust_eval import load_examples, select_indices
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    device = torch.device(
-        f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    )
-    path = a.model or a.run_dir / "model.safetensors"
+    run = RunFolder(a.run_dir)
+    device = stage_device()
+    path = a.model or run.model_file
     model, meta = load_exported(path, device)
     model = inference_model(model)  # BN folded, channels-last: the same classifier, counted faster
     cfg = json.loads(meta["config"])
-    index = load_index(cfg["data"]["shards"])
+    data_dir = Path(a.shards or cfg["data"]["shards"])
+    index = load_index(data_dir)
     num_classes = int(meta["num_classes"])
     count = index.split("test").count
     # Cohen's certify.py --skip K: every K-th test example (the order fixed by the converter)
     wanted = list(range(0, count, a.every)) if a.every else select_indices(count, a.subset, a.seed, a.indices)
-    chunks = [list(range(i, min(i + a.chunk, len(wanted)))) for i in range(0, len(wanted), a.chunk)]
-    mine = [c for c in range(len(chunks)) if c % world == rank]
-    out = out_folder(a.run_dir, a)
-    parts = out / "parts"
+    model_sha = file_sha256(path)
     settings = {
         "sigma": a.sigma, "n0": a.n0, "n": a.n, "alpha": a.alpha, "subset": a.subset, "seed": a.seed,
         **({"every": a.every} if a.every else {}),
         "indices": str(a.indices) if a.indices else None, "chunk": a.chunk, "batch": a.batch,
-        "predict_n": a.predict_n, "model": str(path),
+        "predict_n": a.predict_n, "model": str(path), "model_sha256": model_sha, "shards": str(data_dir),
     }  # fmt: skip
-    if rank == 0:
-        parts.mkdir(parents=True, exist_ok=True)
-        sfile = out / "settings.json"
-        if sfile.is_file() and json.loads(sfile.read_text()) != settings:
-            raise SystemExit(
-                f"{out} holds a certification with other settings ({sfile}); remove it or change them"
-            )
-        sfile.write_text(json.dumps(settings, indent=1))
-    if dist.is_initialized():
-        dist.barrier()
-    todo = [c for c in mine if not (parts / f"chunk{c:06d}.tsv").is_file()]
-    data = load_examples(
-        index,
-        wanted,
-        {p for c in todo for p in chunks[c]},
-        cfg["data"]["augment"],
-        cfg["data"]["image_size"] or index.image_size,
-    )
-    header = [*COLUMNS, *(["predict_smoothed"] if a.predict_n else [])]
-    t0 = time.perf_counter()
-    for k, c in enumerate(todo):
-        x = torch.stack([data[p][0] for p in chunks[c]]).float().div_(255).to(device)
-        y = [data[p][1] for p in chunks[c]]
-        g = torch.Generator().manual_seed(a.seed * 1_000_003 + c)
-        rows = certify_chunk(
-            model, x, y, sigma=a.sigma, n0=a.n0, n=a.n, alpha=a.alpha, num_classes=num_classes, generator=g,
-            batch=a.batch, predict_n=a.predict_n,
+    out = out_folder(run, a)
+    with Stage(out, settings, len(wanted), a.chunk, "certify", parts=PARTS) as stage:
+        todo = stage.start()
+        data = load_examples(
+            index, wanted, {p for c in todo for p in stage.chunks[c]}, cfg["data"]["augment"],
+            cfg["data"]["image_size"] or index.image_size,
         )  # fmt: skip
-        rows = [[wanted[p], *row] for p, row in zip(chunks[c], rows, strict=True)]
-        _write_rows(parts / f"chunk{c:06d}.tsv", rows, header)
-        if rank == 0:
-            progress(f"certify: rank 0 chunk {c} ({len(chunks)} in all)", k + 1, len(todo), t0)
-    if dist.is_initialized():
-        dist.barrier()
-    if rank != 0:
-        return None
-    rows = [r for c in range(len(chunks)) for r in _read_rows(parts / f"chunk{c:06d}.tsv")]
-    with open(out / "certify.tsv.tmp", "w") as f:
-        f.write("\t".join(header) + "\n")
-        f.writelines("\t".join(r) + "\n" for r in rows)
-    os.replace(out / "certify.tsv.tmp", out / "certify.tsv")
-    radius = np.array([float(r[3]) for r in rows])
-    correct = np.array([int(r[4]) for r in rows])
-    predict = np.array([int(r[2]) for r in rows])
-    report = {
-        **settings,
-        "n_examples": len(rows),
-        "world_size": world,
-        "certified_accuracy": certified_accuracy(radius, correct),
-        "abstain_rate": float((predict == ABSTAIN).mean()),
-        "seconds_per_example": float(np.mean([float(r[5]) for r in rows])),
-        "certify_time_s_this_process": time.perf_counter() - t0,
-    }
-    if a.predict_n:
-        ps = np.array([int(r[6]) for r in rows])
-        labels = np.array([int(r[1]) for r in rows])
-        report["predict_accuracy"] = float((ps == labels).mean())
-        report["predict_abstain_rate"] = float((ps == ABSTAIN).mean())
-    (out / "certify.json").write_text(json.dumps(report, indent=1))
-    plot_certified(out / "certified_accuracy.png", {f"σ = {a.sigma:g}": (radius, correct)})
+        header = [*COLUMNS, *(["predict_smoothed"] if a.predict_n else [])]
+        for c in todo:
+            x = torch.stack([data[p][0] for p in stage.chunks[c]]).float().div_(255).to(device)
+            y = [data[p][1] for p in stage.chunks[c]]
+            g = torch.Generator().manual_seed(a.seed * 1_000_003 + c)
+            rows = certify_chunk(
+                model, x, y, sigma=a.sigma, n0=a.n0, n=a.n, alpha=a.alpha, num_classes=num_classes, generator=g,
+                batch=a.batch, predict_n=a.predict_n,
+            )  # fmt: skip
+            cols = {h: np.array([r[j] for r in rows]) for j, h in enumerate(header[1:])}
+            cols["idx"] = np.array([wanted[p] for p in stage.chunks[c]], dtype=np.int64)
+            for h in ("label", "predict", "correct", *(["predict_smoothed"] if a.predict_n else [])):
+                cols[h] = cols[h].astype(np.int64)
+            cols["radius"], cols["time"] = cols["radius"].astype(np.float64), cols["time"].astype(np.float64)
+            stage.save(c, cols)
+        stage.barrier()
+        report = None
+        if stage.rank == 0:
+            cols = stage.gather()
+            atomic_write(out / CERTIFY_TSV, _tsv(cols, header))
+            radius, correct, predict = cols["radius"], cols["correct"], cols["predict"]
+            report = {
+                **settings,
+                "n_examples": len(radius),
+                "world_size": stage.world,
+                "certified_accuracy": certified_accuracy(radius, correct),
+                "abstain_rate": float((predict == ABSTAIN).mean()),
+                "seconds_per_example": float(np.mean(cols["time"])),
+                "certify_time_s_this_process": stage.seconds(),
+            }
+            if a.predict_n:
+                ps = cols["predict_smoothed"]
+                report["predict_accuracy"] = float((ps == cols["label"]).mean())
+                report["predict_abstain_rate"] = float((ps == ABSTAIN).mean())
+            atomic_write_json(out / CERTIFY_JSON, report)
+            plot_certified(out / CERTIFY_PLOT, {f"σ = {a.sigma:g}": (radius, correct)})
+            from .tracking import log_stage_results
+
+            ca = report["certified_accuracy"]
+            log_stage_results(
+                a.run_dir, f"certify_sigma{a.sigma:g}", {f"certified_acc_r{r}": v for r, v in ca.items()}
+            )
+        stage.finish(remove=False)
     return report
 
 
@@ -201,18 +190,24 @@ def plot_certified(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]])
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--sigma", type=float, required=True, help="noise level of the smoothed classifier")
+    """The command: exit 0, or 2 with one line for an error a user can fix."""
+    return command(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("run_dir", type=Path, help="a finished run folder (its model.safetensors)")
+    p.add_argument(
+        "--sigma", type=float, required=True, help="noise level of the smoothed classifier, in [0,1] pixels"
+    )
     # Cohen's certify.py spells them --N0 and --N; the deepspeed launcher would take a lower-case --n for an
     # abbreviation of its own --num_gpus/--num_nodes and stop.
     p.add_argument("--N0", "--n0", dest="n0", type=int, default=100, help="draws that select the class (100)")
     p.add_argument(
         "--N", dest="n", type=int, default=100_000, help="draws that bound its probability (100,000)"
     )
-    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (Cohen: 0.001)")
     p.add_argument(
-        "--subset", type=int, default=0, help="certify a random subset of N test examples (0: all)"
+        "--alpha", type=float, default=0.001, help="failure probability, in (0, 0.5) (Cohen: 0.001)"
     )
     p.add_argument(
         "--every",
@@ -221,33 +216,38 @@ def main(argv: list[str] | None = None) -> int:
         help="certify every K-th test example, as Cohen et al.'s --skip (20: 500 of CIFAR-10's 10,000)",
     )
     p.add_argument("--indices", type=Path, default=None, help="file of test-split indices to certify")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--chunk", type=int, default=10, help="examples per chunk (the unit of work, seeding, resume)"
+    add_examples(
+        p,
+        "certify",
+        chunk=10,
+        batch=1000,
+        batch_help="noisy copies per forward pass (default 1000): lower it to fit memory; the noise is drawn per "
+        "pass, so it changes the draws",
     )
-    p.add_argument("--batch", type=int, default=1000, help="noisy copies per forward pass")
     p.add_argument("--predict-n", type=int, default=0, help="also run PREDICT with this many draws (0: off)")
-    p.add_argument(
-        "--model", type=Path, default=None, help="a safetensors export (default: RUN/model.safetensors)"
-    )
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_model(p)
     a = p.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    problem = None
-    if not (a.model or a.run_dir / "model.safetensors").is_file():
-        problem = f"{a.model or a.run_dir / 'model.safetensors'} is missing: certify a finished run"
-    elif a.sigma <= 0:
-        problem = f"--sigma {a.sigma} must be > 0"
-    elif a.n0 < 1 or a.n < 1 or a.chunk < 1 or a.batch < 1 or a.predict_n < 0:
-        problem = "--N0, --N, --chunk and --batch must be >= 1, --predict-n >= 0"
-    elif not 0 < a.alpha < 0.5:
-        problem = f"--alpha {a.alpha} must be in (0, 0.5)"
-    elif a.every < 0 or (a.every and (a.subset or a.indices)):
-        problem = "--every K (K >= 1) picks the examples on its own: leave out --subset and --indices"
-    if problem:
-        if rank == 0:
-            print(f"dat-ds: error: {problem}", file=sys.stderr)
-        return 2
+    number(
+        "--sigma",
+        a.sigma,
+        lo=0,
+        hi=1,
+        lo_open=True,
+        fix="the Gaussian noise's std in [0,1] pixels, e.g. 0.25",
+    )
+    number("--alpha", a.alpha, lo=0, hi=0.5, lo_open=True, hi_open=True)
+    number("--N0", a.n0, lo=1)
+    number("--N", a.n, lo=1)
+    number("--predict-n", a.predict_n, lo=0)
+    number("--every", a.every, lo=0, fix="0: --subset or every example")
+    check_examples(a)
+    if a.batch < 1:
+        raise UsageError(f"--batch {a.batch} must be >= 1 (noisy copies per forward pass)")
+    if a.every and (a.subset or a.indices):
+        raise UsageError("--every K picks the examples on its own: leave out --subset and --indices")
+    model = a.model or RunFolder(a.run_dir).model_file
+    if not model.is_file():
+        raise UsageError(f"{model} is missing: certify a finished run")
     from .engine import start_stage
 
     start_stage(24 * 3600)  # hours: ranks wait for the slowest one's chunks
@@ -259,8 +259,6 @@ def main(argv: list[str] | None = None) -> int:
             + "  ".join(f"r={r}: {100 * ca[r]:.1f}" for r in ("0.00", "0.25", "0.50", "0.75", "1.00"))
             + f" | abstain {100 * report['abstain_rate']:.1f} % | {report['seconds_per_example']:.3f} s/example"
         )
-    if dist.is_initialized():
-        dist.barrier()
     return 0
 
 

@@ -11,10 +11,12 @@ previous checkpoint. Older complete checkpoints beyond ``keep`` are removed only
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +24,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-MARKER = "COMPLETE"
-RANK_FILE = "dat_rank{}.pt"
+from .run_folder import (
+    CHECKPOINTS,
+    LATEST,
+    MARKER,
+    RANK_FILE,
+    atomic_write,
+    checkpoint_recipe,
+    read_checkpoint_recipe,
+)
+
+log = logging.getLogger("dat_ds")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 class UnsafeCheckpointError(SystemExit):
@@ -110,7 +116,7 @@ class Checkpointer:
     what to load and writes the markers; every rank writes and reads its own files there)."""
 
     def __init__(self, run_dir: Path, keep: int, rank: int, world: int):
-        self.dir = Path(run_dir) / "checkpoints"
+        self.dir = Path(run_dir) / CHECKPOINTS
         self.keep = max(1, keep)
         self.rank, self.world = rank, world
 
@@ -145,9 +151,32 @@ class Checkpointer:
                     out.append((int(meta["global_step"]), d.name))
         return sorted(out)
 
+    def damaged(self, tag: str) -> str | None:
+        """Why checkpoint ``tag`` cannot be trusted (a file shorter or longer than when it was saved, or gone), or
+        None. Checkpoints from before the marker listed its files pass."""
+        try:
+            files = json.loads((self.dir / tag / MARKER).read_text()).get("files", {})
+        except (json.JSONDecodeError, OSError) as e:
+            return f"its {MARKER} marker is unreadable ({e})"
+        for name, size in files.items():
+            f = self.dir / tag / name
+            if not f.is_file():
+                return f"{f} is missing"
+            if f.stat().st_size != size:
+                return f"{f} has {f.stat().st_size} bytes, {size} when it was saved"
+        return None
+
     def latest(self) -> str | None:
-        tags = self.complete_tags()
-        return tags[-1][1] if tags else None
+        """The newest complete checkpoint whose files are whole; a damaged newer one is passed over, said so."""
+        for _, tag in reversed(self.complete_tags()):
+            why = self.damaged(tag)
+            if why is None:
+                return tag
+            print(
+                f"dat-ds: checkpoint {self.dir / tag} is damaged ({why}); trying the one before it",
+                file=sys.stderr,
+            )
+        return None
 
     def save(self, engine, tag: str, client_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
         """Collective: every rank calls it."""
@@ -168,16 +197,22 @@ class Checkpointer:
                 if f.is_file():
                     _fsync(f)
             _fsync(self.dir / tag)
-            _atomic_write_text(self.dir / tag / "config.json", json.dumps(client_state["config"], indent=1))
+            _atomic_write_text(
+                checkpoint_recipe(self.dir / tag), json.dumps(client_state["config"], indent=1)
+            )
             meta = {
                 "global_step": client_state["global_step"],
                 "epoch": client_state["epoch"],
                 "step_in_epoch": client_state["step_in_epoch"],
                 "world_size": self.world,
+                # every file's size: a truncated or replaced file is found before it is loaded (``damaged``)
+                "files": {
+                    f.name: f.stat().st_size for f in sorted((self.dir / tag).iterdir()) if f.is_file()
+                },
             }
             _atomic_write_text(self.dir / tag / MARKER, json.dumps(meta))
             _fsync(self.dir / tag)
-            _atomic_write_text(self.dir / "latest", tag)
+            _atomic_write_text(self.dir / LATEST, tag)
             _fsync(self.dir)
             self._prune(tag)
         dist.barrier()
@@ -192,8 +227,7 @@ class Checkpointer:
 
     def saved_config(self, tag: str) -> dict[str, Any] | None:
         """The resolved recipe a checkpoint was written under (None for checkpoints older than this file)."""
-        path = self.dir / tag / "config.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_checkpoint_recipe(self.dir / tag)
 
     def load(self, engine, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
         if not (self.dir / tag / MARKER).is_file():
@@ -201,6 +235,13 @@ class Checkpointer:
             raise SystemExit(
                 f"checkpoint {self.dir / tag} is not complete (no {MARKER}: missing, or killed while "
                 f"saving); complete ones: {done}. Use --resume auto for the newest complete one."
+            )
+        why = self.damaged(tag)
+        if why is not None:
+            older = [t for _, t in self.complete_tags() if t != tag and self.damaged(t) is None]
+            raise SystemExit(
+                f"checkpoint {self.dir / tag} is damaged ({why}); resume from an intact one: --resume auto takes "
+                f"the newest ({older[-1] if older else 'none left'})"
             )
         meta = json.loads((self.dir / tag / MARKER).read_text())
         if meta["world_size"] != self.world:

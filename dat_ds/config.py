@@ -53,9 +53,18 @@ class ModelConfig:
         False  # channels-last memory for weights and inputs (cuDNN's and oneDNN's preferred layout)
     )
     drop_rate: float = 0.0
-    # The model's first layer: "data" normalizes pixels with the shard set's mean/std; "none" feeds [0,1] pixels
-    # as they are (the official DAT code: ToTensor() only).
-    input_norm: Literal["data", "none"] = "data"
+    # The model's first layer: "data" normalizes pixels with the shard set's mean/std; "model" with the pretrained
+    # network's own (timm's pretrained_cfg); "auto": "model" when model.pretrained, else "data"; "none" feeds [0,1]
+    # pixels as they are (the official DAT code: ToTensor() only).
+    input_norm: Literal["auto", "data", "model", "none"] = "auto"
+
+    @property
+    def norm(self) -> str:
+        """input_norm with "auto" decided."""
+        if self.input_norm == "auto":
+            return "model" if self.pretrained else "data"
+        return self.input_norm
+
     # timm ResNets zero-initialize the last BatchNorm weight of each residual block; false initializes it to 1, as
     # torchvision's resnet50 (the official DAT code's network). Unset: the model's own default.
     zero_init_last: bool | None = None
@@ -322,7 +331,13 @@ class CheckpointConfig:
 class LogConfig:
     wandb_mode: Literal["online", "offline", "disabled", "env"] = "env"  # env: $WANDB_MODE, else offline
     project: str = "dat-ds"
+    entity: str = ""  # the wandb team or user ("": the logged-in default)
     group: str = ""
+    tags: tuple[str, ...] = ()
+    every_steps: int = 0  # per-step scalars to steps.jsonl and wandb every N optimizer steps (0: epochs only)
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, f"log.every_steps={self.every_steps} must be >= 0 (0: off)")
 
 
 @dataclass(frozen=True)
@@ -519,7 +534,7 @@ RESUME_MAY_CHANGE = (
 
 # Keys added with a default that differs from what runs did before the key existed: a checkpoint without the key
 # was trained with this value.
-LEGACY = {"smoothing.attack_warmup_epochs": 0}
+LEGACY = {"smoothing.attack_warmup_epochs": 0, "model.input_norm": "data"}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -536,6 +551,9 @@ def resume_differences(saved: dict[str, Any], new: RunConfig) -> tuple[list[str]
     """(refused, allowed) differences between a checkpoint's resolved recipe and the one resuming it, each as
     ``key: old -> new``."""
     a, b = _flatten(saved), _flatten(new.to_dict())
+    for d in (a, b):  # "auto" compares as what it decides
+        if d.get("model.input_norm", "auto") == "auto" and "model.input_norm" in d:
+            d["model.input_norm"] = "model" if d.get("model.pretrained") else "data"
     defaults = _flatten(dataclasses.asdict(RunConfig()))
     refused, allowed = [], []
     for key in sorted(a.keys() | b.keys()):

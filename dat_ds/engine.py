@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ def resolve_ds_config_path(cfg: RunConfig) -> Path:
         name = "zero0_bf16.json" if torch.cuda.is_available() else "zero0_fp32.json"
     path = Path(name)
     if not path.is_file() and not path.is_absolute():
-        path = REPO_ROOT / "ds_configs" / Path(name).name
+        path = REPO_ROOT / "ds_configs" / Path(name).name  # the checkout
+        if not path.is_file():
+            path = Path(__file__).resolve().parent / "ds_configs" / Path(name).name  # an installed package
     if not path.is_file():
         raise ConfigError(f"train.ds_config='{cfg.train.ds_config}' not found; pick a file in ds_configs/")
     return path
@@ -100,7 +103,13 @@ def skip_cpu_shm_build() -> None:
 def set_cpu_threads() -> None:
     """One share of the cores per local rank on CPU, unless OMP_NUM_THREADS says otherwise: two ranks with
     all-core thread pools each on the same cores ran AutoAttack 3x slower here."""
-    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+    if torch.cuda.is_available():
+        return
+    if "OMP_NUM_THREADS" in os.environ:  # also when share_environment adopted it after start-up
+        try:
+            torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+        except ValueError:
+            pass
         return
     local = next((int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if k in os.environ), None)
     if local is None:  # launched without a local size: assume every rank is on this machine
@@ -174,3 +183,124 @@ def start_stage(timeout_s: float) -> None:
         guard()  # stop when the deepspeed/torchrun command the user started is gone
         init_distributed(timeout_s=timeout_s)
     set_cpu_threads()
+
+
+def make_reducer(comm, seed: int):
+    """The gradient reducer a recipe's ``[comm]`` describes."""
+    from .comm.transport import GradientReducer
+
+    return GradientReducer(
+        bits=comm.bits,
+        two_sided=comm.two_sided,
+        topology=comm.topology,
+        codec=comm.codec,
+        rounding=comm.rounding,
+        error_feedback=comm.error_feedback,
+        block_size=comm.block_size,
+        bucket_mb=comm.bucket_mb,
+        seed=seed,
+    )
+
+
+def make_engine(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule,
+    ds_config: dict,
+    *,
+    comm,
+    seed: int,
+    channels_last: bool = False,
+):
+    """The DeepSpeed engine around ``model`` with dat-ds's gradient aggregation in its seam: what training runs,
+    and what the benchmarks measure (they build the same thing through here). Returns (engine, reducer)."""
+    import deepspeed
+
+    from .checkpoint import secure_checkpoint_engine
+    from .comm import engine_seam
+    from .models import keep_fp32_layers
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+    )
+    secure_checkpoint_engine(engine)  # DeepSpeed's own loader would unpickle with weights_only=False
+    if channels_last:
+        # After the engine's initial broadcast, which over gloo cannot send a channels-last tensor ("stride(-1)
+        # must be 1 to view Float as Byte"). In place (param.data), so the optimizer keeps its references.
+        engine.module.to(memory_format=torch.channels_last)
+    if (engine.bfloat16_enabled() or engine.fp16_enabled()) and hasattr(engine.module, "input_layer"):
+        keep_fp32_layers(engine.module)  # the attack's delta reaches the network intact; norms match
+    reducer = make_reducer(comm, seed)
+    engine_seam.install(engine, reducer, comm.overlap_bucket_mb if comm.overlap else None)
+    return engine, reducer
+
+
+def check_cuda() -> None:
+    """GPUs on the machine that torch cannot use (a driver older than the torch build, a CPU-only build) would
+    silently train on the CPU over gloo: refuse, naming the mismatch, unless DAT_DS_ALLOW_CPU=1 says to go on."""
+    import shutil
+
+    if torch.cuda.is_available() or os.environ.get("DAT_DS_ALLOW_CPU") == "1":
+        return
+    gpus = os.path.exists("/dev/nvidiactl") or bool(shutil.which("nvidia-smi"))
+    if not gpus:
+        return
+    try:
+        torch.cuda.init()
+        why = "torch.cuda.is_available() is False"
+    except Exception as e:  # noqa: BLE001 - the driver or runtime's own words are the useful part
+        why = str(e).strip().splitlines()[0][:300]
+    build = (
+        f"torch {torch.__version__} built for CUDA {torch.version.cuda}"
+        if torch.version.cuda
+        else (f"torch {torch.__version__} is a CPU-only build")
+    )
+    from .config import ConfigError
+
+    raise ConfigError(
+        f"this machine has NVIDIA GPUs but {build} cannot use them ({why}): install a torch build that matches the "
+        "driver (nvidia-smi shows the CUDA version it supports), e.g. make setup TORCH_INDEX_URL="
+        "https://download.pytorch.org/whl/cu124, or set DAT_DS_ALLOW_CPU=1 to train on the CPU on purpose"
+    )
+
+
+SHARED_ENV = ("DAT_DS_", "OMP_NUM_THREADS")  # variables every rank must see as the launching host set them
+
+
+def share_environment(device: torch.device) -> list[str]:
+    """Collective: rank 0's values of the variables dat-ds reads on every rank (``DAT_DS_*``, ``OMP_NUM_THREADS``)
+    reach the ranks that lack them. DeepSpeed's multi-node launch forwards only NCCL*, PYTHON*, MV2*, UCX*, MLFLOW*
+    and what ``.deepspeed_env`` lists; this closes the gap for dat-ds's own. Returns, on each rank, the names it
+    adopted; a rank whose own value differs keeps it and says so."""
+    import torch.distributed as dist
+
+    mine = {k: v for k, v in os.environ.items() if k.startswith(SHARED_ENV)} if dist.get_rank() == 0 else None
+    theirs = broadcast_json(mine, device)
+    adopted = []
+    for k, v in (theirs or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k.startswith(SHARED_ENV):
+            continue
+        if k not in os.environ:
+            os.environ[k] = v
+            adopted.append(k)
+        elif os.environ[k] != v and dist.get_rank() != 0:
+            print(
+                f"dat-ds: rank {dist.get_rank()}: {k}={os.environ[k]!r} here, {v!r} on rank 0; keeping this host's",
+                file=sys.stderr,
+                flush=True,
+            )
+    return adopted
+
+
+def broadcast_json(obj, device: torch.device):
+    """Collective: rank 0's ``obj`` (JSON-serializable) on every rank, sent as JSON bytes (never pickle)."""
+    import torch.distributed as dist
+
+    raw = json.dumps(obj).encode() if dist.get_rank() == 0 else b""
+    n = torch.tensor([len(raw)], dtype=torch.int64, device=device)
+    dist.broadcast(n, 0)
+    buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        buf.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    dist.broadcast(buf, 0)
+    return json.loads(bytes(buf.cpu().tolist()).decode())

@@ -60,3 +60,40 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     )
     model.net.load_state_dict(load_file(str(path), device=str(device)))
     return model.to(device).eval(), meta
+
+
+def write_model_config(model: NormalizedModel, cfg: RunConfig, index: ShardIndex, path: Path) -> Path:
+    """The timm / Hugging Face ``config.json`` beside the weights: architecture, classes, and the input the network
+    expects (size, and the mean/std to normalize [0,1] pixels with, which the safetensors' timm network does not
+    apply itself). ``timm.create_model(cfg["architecture"], num_classes=..., in_chans=...,
+    pretrained_cfg_overlay=dict(file="model.safetensors"))`` then loads the run as a pretrained timm model."""
+    from .run_folder import RECIPE, atomic_write_json
+
+    net = model.net
+    size = cfg.data.image_size or index.image_size
+    head = ""
+    get = getattr(net, "get_classifier", None)
+    if callable(get):
+        head = next((n for n, m in net.named_modules() if m is get() and n), "")
+    atomic_write_json(
+        path,
+        {
+            "architecture": cfg.model.name,
+            "num_classes": index.num_classes,
+            "num_features": getattr(net, "num_features", None),
+            "pretrained_cfg": {
+                "tag": f"dat-ds.{cfg.name}",
+                "input_size": [index.channels, size, size] if size else None,
+                "mean": model.mean.flatten().tolist(),
+                "std": model.std.flatten().tolist(),
+                "interpolation": "bilinear",
+                "crop_pct": 0.875 if cfg.data.augment == "imagenet" else 1.0,
+                "num_classes": index.num_classes,
+                "classifier": head,
+                "license": "same as the training data",
+            },
+            "model_args": {"in_chans": index.channels, "num_classes": index.num_classes},
+            "dat_ds": {"recipe": RECIPE, "attack": cfg.attack.method, "eps": cfg.attack.eps},
+        },
+    )
+    return path

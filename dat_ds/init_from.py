@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from .config import ConfigError, RunConfig
+from .run_folder import CHECKPOINTS, MODEL, RunFolder, atomic_write_json
 
-EXPORT_NAME = "model.safetensors"
+EXPORT_NAME = MODEL
 
 
 class SourceMissing(ConfigError):
@@ -75,7 +76,7 @@ def resolve_source(init_from: str) -> Path:
     if p.is_dir():
         f = p / EXPORT_NAME
         if not f.is_file():
-            ckpts = p / "checkpoints"
+            ckpts = p / CHECKPOINTS
             why = (
                 "it has checkpoints but has not finished (a run exports model.safetensors at its end); finish it "
                 "with --resume auto"
@@ -283,14 +284,12 @@ def write_record(plan: InitPlan, run_dir: Path) -> None:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         rec["source_sha256"] = h.hexdigest()
-    tmp = run_dir / "init.json.tmp"
-    tmp.write_text(json.dumps(rec, indent=1))
-    tmp.replace(run_dir / "init.json")
+    atomic_write_json(RunFolder(run_dir).init_file, rec)
 
 
 def read_record(run_dir: Path) -> InitPlan | None:
     """The plan a run recorded when it started (``init.json``), or None."""
-    f = run_dir / "init.json"
+    f = RunFolder(run_dir).init_file
     if not f.is_file():
         return None
     rec = json.loads(f.read_text())

@@ -285,9 +285,21 @@ def build_net(cfg: ModelConfig, num_classes: int, in_chans: int) -> nn.Module:
 def input_stats(
     cfg: ModelConfig, channels: int, mean: Sequence[float], std: Sequence[float]
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mean/std of the model's normalization layer: the given ones, or identity with model.input_norm = "none"."""
-    if cfg.input_norm == "none":
+    """The mean/std of the model's normalization layer (``model.input_norm``): the given ones (the data's, or a
+    finetune source's), the pretrained network's own (timm's ``pretrained_cfg``), or identity ("none")."""
+    norm = cfg.norm
+    if norm == "none":
         return (0.0,) * channels, (1.0,) * channels
+    if norm == "model":
+        pc = timm.get_pretrained_cfg(cfg.name)
+        m, s = (getattr(pc, "mean", None), getattr(pc, "std", None)) if pc is not None else (None, None)
+        if m is None or s is None:
+            raise ConfigError(
+                f'model.input_norm = "model": timm has no pretrained statistics for {cfg.name}; use "data"'
+            )
+        if len(m) != channels:
+            m, s = (sum(m) / len(m),) * channels, (sum(s) / len(s),) * channels
+        return tuple(m), tuple(s)
     return tuple(mean), tuple(std)
 
 

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
+
+from .run_folder import ACC_VS_EPS, CURVES, RunFolder
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_curves(run_dir: Path) -> Path | None:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    recs = RunFolder(run_dir).read_metrics()
+    if not recs:
         return None
-    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
     ep = [r["epoch"] for r in recs]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for key, label in (
@@ -34,7 +34,7 @@ def plot_curves(run_dir: Path) -> Path | None:
     a2.grid(alpha=0.3)
     fig.suptitle(Path(run_dir).name)
     fig.tight_layout()
-    out = Path(run_dir) / "curves.png"
+    out = RunFolder(run_dir).plot(CURVES)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
@@ -55,7 +55,7 @@ def plot_acc_vs_eps(run_dir: Path, per_eps: dict[str, dict[str, float]]) -> Path
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(run_dir) / "acc_vs_eps.png"
+    out = RunFolder(run_dir).plot(ACC_VS_EPS)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -17,22 +17,22 @@ labeled set with a recipe's ``[unlabeled]`` section.
 
 from __future__ import annotations
 
-import argparse
+import io
 import json
 import os
+import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from .cli import UsageError, add_model, command, number, parser
+from .data.shards import INDEX_NAME
+from .run_folder import PSEUDO_LABEL_JSON, RunFolder, atomic_write, atomic_write_json
+from .stage import Stage, file_sha256, stage_device
 
 PARTS = ".parts"
-
-
-def chunk_ranges(n: int, chunk: int) -> list[tuple[int, int]]:
-    return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
 
 def label_chunk(model, reader, ids: range, channels: int, image_size: int, batch: int, device) -> np.ndarray:
@@ -58,15 +58,6 @@ def label_chunk(model, reader, ids: range, channels: int, image_size: int, batch
         conf, lab = p.max(1)
         out.append(torch.stack([lab.double(), conf.double()], 1).cpu().numpy())
     return np.concatenate(out)
-
-
-def _save_part(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_labelled_set(unl, split, table: np.ndarray, out: Path, meta: dict, per_shard: int) -> None:
@@ -108,114 +99,109 @@ def pseudo_label(
     from .data.shards import SampleReader, load_index
     from .export import load_exported
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    device = torch.device(
-        f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    )
-    path = model_file or run_dir / "model.safetensors"
+    device = stage_device()
+    path = model_file or RunFolder(run_dir).model_file
     model, meta = load_exported(path, device)
     cfg = json.loads(meta["config"])
     unl = load_index(unlabeled)
     split = unl.split("train")
     if int(meta["num_classes"]) != unl.num_classes and unl.num_classes:
-        raise SystemExit(f"{path} has {meta['num_classes']} classes, {unlabeled} says {unl.num_classes}")
+        raise UsageError(f"{path} has {meta['num_classes']} classes, {unlabeled} says {unl.num_classes}")
     if int(meta["in_chans"]) != unl.channels:
-        raise SystemExit(f"{path} takes {meta['in_chans']} channels, {unlabeled} holds {unl.channels}")
+        raise UsageError(f"{path} takes {meta['in_chans']} channels, {unlabeled} holds {unl.channels}")
     image_size = cfg["data"]["image_size"] or unl.image_size
-    parts = out / PARTS
-    if rank == 0:
-        parts.mkdir(parents=True, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
-    chunks = chunk_ranges(split.count, chunk)
-    reader = SampleReader(split)
-    t0 = time.perf_counter()
-    done_here = 0
-    for c in range(rank, len(chunks), world):
-        part = parts / f"chunk{c:07d}.npy"
-        if part.is_file():
-            continue  # labelled by an earlier, interrupted run
-        _save_part(
-            part, label_chunk(model, reader, range(*chunks[c]), unl.channels, image_size, batch, device)
-        )
-        done_here += 1
-        if rank == 0 and done_here % 10 == 0:
-            print(f"rank 0: {done_here} chunks labelled, {time.perf_counter() - t0:.0f} s", flush=True)
-    reader.close()
-    if dist.is_initialized():
-        dist.barrier()
-    if rank != 0:
-        return None
-    table = np.concatenate(
-        [np.load(parts / f"chunk{c:07d}.npy", allow_pickle=False) for c in range(len(chunks))]
-    )
-    labels = table[:, 0].astype(np.int64)
-    summary = {
-        "model": str(path),
-        "run": str(run_dir),
-        "source": str(unlabeled),
-        "n": int(split.count),
-        "per_class": np.bincount(labels, minlength=unl.num_classes).tolist(),
-        "mean_confidence": float(table[:, 1].mean()),
-        "chunk": chunk,
-        "batch": batch,
-        "world_size": world,
-        "label_time_s": time.perf_counter() - t0,
-    }
-    held = unlabeled / "heldout_labels.npy"
-    if held.is_file():  # written by data_prep.unlabeled split: only for this report
-        truth = np.load(held, allow_pickle=False)
-        if len(truth) == len(labels):
-            summary["accuracy_vs_heldout_labels"] = float((truth == labels).mean())
-    write_labelled_set(unl, split, table, out, summary, per_shard)
-    _save_part(out / "pseudo_labels.npy", table)
-    (out / "pseudo_label.json").write_text(json.dumps(summary, indent=1))
+    model_sha = file_sha256(path)
+    settings = {"model_sha256": model_sha, "unlabeled": str(unlabeled), "n": split.count, "chunk": chunk,
+                "batch": batch, "image_size": image_size}  # fmt: skip
+    with Stage(out / PARTS, settings, split.count, chunk, "pseudo_label") as stage:
+        todo = stage.start()
+        reader = SampleReader(split)
+        for c in todo:
+            ids = stage.chunks[c]
+            table = label_chunk(
+                model, reader, range(ids[0], ids[-1] + 1), unl.channels, image_size, batch, device
+            )
+            stage.save(c, {"label": table[:, 0].astype(np.int64), "confidence": table[:, 1]})
+        reader.close()
+        stage.barrier()
+        summary = None
+        if stage.rank == 0:
+            cols = stage.gather()
+            table = np.stack([cols["label"].astype(np.float64), cols["confidence"]], 1)
+            labels = cols["label"]
+            summary = {
+                "model": str(path),
+                "model_sha256": model_sha,
+                "run": str(run_dir),
+                "source": str(unlabeled),
+                "n": int(split.count),
+                "per_class": np.bincount(labels, minlength=unl.num_classes).tolist(),
+                "mean_confidence": float(cols["confidence"].mean()),
+                "chunk": chunk,
+                "batch": batch,
+                "world_size": stage.world,
+                "label_time_s": stage.seconds(),
+            }
+            held = unlabeled / "heldout_labels.npy"
+            if held.is_file():  # written by data_prep.unlabeled split: only for this report
+                truth = np.load(held, allow_pickle=False)
+                if len(truth) == len(labels):
+                    summary["accuracy_vs_heldout_labels"] = float((truth == labels).mean())
+            write_labelled_set(unl, split, table, out, summary, per_shard)
+            buf = io.BytesIO()
+            np.save(buf, table, allow_pickle=False)
+            atomic_write(out / "pseudo_labels.npy", buf.getvalue())
+            atomic_write_json(out / PSEUDO_LABEL_JSON, summary)
+            from .tracking import log_stage_results
+
+            log_stage_results(run_dir, "pseudo_label", {k: v for k, v in summary.items() if k in (
+                "mean_confidence", "accuracy_vs_heldout_labels", "n")})  # fmt: skip
+        stage.finish(remove=False)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command: exit 0, or 2 with one line for an error a user can fix."""
+    return command(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
     p.add_argument("run_dir", type=Path, help="a finished run folder (model.safetensors)")
     p.add_argument("unlabeled", type=Path, help="the unlabeled shard set (index.json)")
     p.add_argument("out", type=Path, help="where the pseudo-labelled shard set goes")
+    add_model(p)
     p.add_argument(
-        "--model", type=Path, default=None, help="a safetensors export (default: RUN/model.safetensors)"
+        "--chunk", type=int, default=1000, help="samples per chunk: the unit of work and of resuming"
     )
-    p.add_argument(
-        "--chunk", type=int, default=1000, help="samples per chunk (the unit of work and of resuming)"
-    )
-    p.add_argument("--batch", type=int, default=250, help="samples per forward pass")
+    p.add_argument("--batch", type=int, default=250, help="samples per forward pass: lower it to fit memory")
     p.add_argument("--per-shard", type=int, default=5000, help="samples per output shard")
     p.add_argument(
         "--force", action="store_true", help="relabel even if OUT is complete (keeps no old parts)"
     )
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    problem = None
-    model = a.model or a.run_dir / "model.safetensors"
+    for name in ("--chunk", "--batch", "--per-shard"):
+        number(name, getattr(a, name[2:].replace("-", "_")), lo=1)
+    model = a.model or RunFolder(a.run_dir).model_file
     if not model.is_file():
-        problem = f"{model} is missing: pseudo-label with a finished run (training exports it at the end)"
-    elif not (a.unlabeled / "index.json").is_file():
-        problem = f"{a.unlabeled} has no index.json: make it with python -m data_prep.unlabeled or data_prep.tiny_images"
-    elif a.chunk < 1 or a.batch < 1:
-        problem = "--chunk and --batch must be >= 1"
-    elif (a.out / "index.json").is_file() and not a.force:
-        problem = f"{a.out} already holds a pseudo-labelled set; use it, or pass --force to label again"
-    if problem:
-        if rank == 0:
-            print(f"dat-ds: error: {problem}", file=sys.stderr)
-        return 2
-    if a.force and rank == 0 and (a.out / PARTS).is_dir():
-        for f in (a.out / PARTS).iterdir():
-            f.unlink()
+        raise UsageError(
+            f"{model} is missing: pseudo-label with a finished run (training exports it at the end)"
+        )
+    if not (a.unlabeled / INDEX_NAME).is_file():
+        raise UsageError(
+            f"{a.unlabeled} has no {INDEX_NAME}: make it with python -m data_prep.unlabeled or data_prep.tiny_images"
+        )
+    if (a.out / INDEX_NAME).is_file() and not a.force:
+        raise UsageError(
+            f"{a.out} already holds a pseudo-labelled set; use it, or pass --force to label again"
+        )
+    if a.force and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(a.out / PARTS, ignore_errors=True)  # label everything again
     from .engine import start_stage
 
     start_stage(6 * 3600)  # hours: ranks wait for the slowest one's chunks
-    summary = pseudo_label(
-        a.run_dir, a.unlabeled, a.out, chunk=a.chunk, batch=a.batch, per_shard=a.per_shard, model_file=a.model
-    )
+    summary = pseudo_label(a.run_dir, a.unlabeled, a.out, chunk=a.chunk, batch=a.batch, per_shard=a.per_shard,
+                           model_file=a.model)  # fmt: skip
     if summary is not None:
         acc = summary.get("accuracy_vs_heldout_labels")
         print(
@@ -223,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
             + (f" | accuracy vs held-out labels {100 * acc:.2f} %" if acc is not None else "")
             + f" | {summary['label_time_s']:.1f} s, {summary['world_size']} rank(s)"
         )
-    if dist.is_initialized():
-        dist.barrier()
     return 0
 
 

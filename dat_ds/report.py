@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .run_folder import CERTIFY_JSON, METRICS, RunFolder
+
 
 def _method(cfg: dict) -> str:
     a = cfg["attack"]["method"]
@@ -38,16 +40,16 @@ def _method(cfg: dict) -> str:
 
 
 def summarize(run_dir: Path) -> dict:
-    run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
+    run = RunFolder(run_dir)
+    recs = run.read_metrics()
+    cfg = run.read_recipe()
+    if not recs or cfg is None:
         raise SystemExit(
-            f"{run_dir} has no metrics.jsonl: is it a dat-ds run folder, and did the run finish an epoch?"
+            f"{run_dir} has no {METRICS} or recipe: is it a dat-ds run folder, and did the run finish an epoch?"
         )
-    cfg = json.loads((run_dir / "config.json").read_text())
-    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     last = recs[-1]
     row = {
-        "run": run_dir.name,
+        "run": run.path.name,
         "method": _method(cfg),
         "pxq": f"1x{last['world_size']}",
         "batch": cfg["train"]["global_batch_size"],
@@ -59,9 +61,8 @@ def summarize(run_dir: Path) -> dict:
         "MB/iter": last.get("data_mb_per_iter"),
         "epochs": last["epoch"],
     }
-    ev = run_dir / "eval.json"
-    if ev.is_file():
-        e = json.loads(ev.read_text())
+    e = run.read_eval()
+    if e is not None:
         row.update(
             TA=e.get("clean_acc", row["TA"]), RA=e.get("pgd_acc", row["RA"]), AA=e.get("autoattack_acc")
         )
@@ -94,17 +95,17 @@ TABLE2_RADII = ("0.05", "0.10", "0.15", "0.20", "0.25", "0.30", "0.35", "0.40", 
 
 
 def certified_rows(run_dir: Path) -> list[dict]:
-    run_dir = Path(run_dir)
-    found = sorted((run_dir / "certify").glob("*/certify.json"))
+    run = RunFolder(run_dir)
+    found = sorted(run.certify_dir().glob(f"*/{CERTIFY_JSON}"))
     if not found:
-        raise SystemExit(f"{run_dir} has no certify/*/certify.json: run dat_ds.certify on it first")
-    cfg = json.loads((run_dir / "config.json").read_text())
+        raise SystemExit(f"{run_dir} has no certification results: run dat_ds.certify on it first")
+    cfg = run.read_recipe()
     rows = []
     for f in found:
         c = json.loads(f.read_text())
         rows.append(
             {
-                "run": run_dir.name,
+                "run": run.path.name,
                 "method": _method(cfg),
                 "sigma": c["sigma"],
                 "n": c["n"],

@@ -1,8 +1,10 @@
-"""One run folder, one run: an exclusive lock held by rank 0 for the run's lifetime.
+"""One folder, one user: an exclusive lock held for a run's (or a stage's) lifetime.
 
-``flock`` on ``<run>/.lock``: the kernel releases it when the process ends, kill -9 included, so a crashed run
-never leaves a stale lock behind. The file records who holds it (host, pid, start time, command), so a refused
-second launch can say which run is using the folder.
+``flock`` on ``<folder>/.lock``: the kernel releases it when the process ends, kill -9 included, so a crashed run
+never leaves a stale lock behind. The file records who holds it (host, pid, start time, command), written only by
+the process that got the lock, so a refused second launch can say which process is using the folder and leaves the
+record as it was. Training locks its run folder; evaluation, certification and pseudo-labelling lock the folder of
+their parts.
 """
 
 from __future__ import annotations
@@ -15,14 +17,20 @@ import sys
 import time
 from pathlib import Path
 
+from .run_folder import LOCK
 
-class RunFolderBusy(RuntimeError):
+
+class FolderBusy(RuntimeError):
     pass
 
 
+RunFolderBusy = FolderBusy  # the name before stages locked their folders too
+
+
 class RunLock:
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
+    def __init__(self, folder: Path, what: str = "run"):
+        self.path = Path(folder) / LOCK
+        self.what = what
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -37,10 +45,12 @@ class RunLock:
                 holder = {}
             os.close(fd)
             who = ", ".join(f"{k} {v}" for k, v in holder.items()) or "another process"
-            raise RunFolderBusy(
-                f"{self.path.parent} is in use by another run ({who}); wait for it to finish or stop it, or "
-                "start this one with --set name=<new name>"
-            ) from None
+            fix = (
+                "wait for it to finish or stop it, or start this one with --set name=<new name>"
+                if self.what == "run"
+                else "wait for it to finish or stop it (it resumes where it stopped when run again)"
+            )
+            raise FolderBusy(f"{self.path.parent} is in use by another {self.what} ({who}); {fix}") from None
         info = {
             "host": socket.gethostname(),
             "pid": os.getpid(),

@@ -136,7 +136,7 @@ def test_imagenet_flat_val_and_the_robustbench_subset_evaluate(imagenet_tree, tm
     from types import SimpleNamespace
 
     from dat_ds.config import load_config
-    from dat_ds.evaluate import load_examples
+    from dat_ds.robust_eval import load_examples
     from dat_ds.evaluate import main as evaluate_main
     from dat_ds.export import export_safetensors
     from dat_ds.models import build_model

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from dat_ds.config import load_config
 from dat_ds.data.loader import make_eval_loader
 from dat_ds.data.shards import load_index
-from dat_ds.evaluate import sanity_flags, select_indices
+from dat_ds.robust_eval import sanity_flags, select_indices
 from dat_ds.export import export_safetensors
 from dat_ds.models import build_model
 from dat_ds.report import summarize, table
@@ -140,11 +140,12 @@ def test_interrupted_evaluation_resumes_at_the_next_chunk(trained_run, tmp_path,
     settings = ev.AttackSettings(eps=0.1, pgd_steps=3, pgd_restarts=1, autoattack=False, seed=0)
     kw = dict(n=24, indices_file=None, chunk=8, eps_sweep=[0.05], model_file=None)  # 3 chunks x 2 radii
 
+    # a crash in chunk 2's first radius (the 5th call: two radii a chunk): chunks 0 and 1 are saved, whole
     monkeypatch.setattr(ev, "chunk_results", lambda *a, **k: counted(*a, fail_at=5, **k))
     with pytest.raises(RuntimeError, match="killed"):
         ev.run_evaluation(run, settings, **kw)
     (parts,) = (run / "eval_parts").iterdir()
-    assert len(list(parts.glob("eps*_chunk*.json"))) == 4 and not (run / "eval.json").exists()
+    assert len(list(parts.glob("parts/chunk*.npz"))) == 2 and not (run / "eval.json").exists()
 
     # another setting: nothing reused, its own folder
     calls.clear()
@@ -153,14 +154,15 @@ def test_interrupted_evaluation_resumes_at_the_next_chunk(trained_run, tmp_path,
         ev.run_evaluation(run, ev.AttackSettings(**{**settings.__dict__, "pgd_steps": 4}), **kw)
     assert len(list((run / "eval_parts").iterdir())) == 2
 
-    (parts / "eps0.1_chunk000001.json").write_text('{"clean": [1, 0')  # damaged
+    part = parts / "parts" / "chunk0000001.npz"
+    part.write_bytes(part.read_bytes()[:-20])  # damaged: cut short
     calls.clear()
     monkeypatch.setattr(ev, "chunk_results", counted)
     with caplog.at_level("WARNING", logger="dat_ds"):
         resumed = ev.run_evaluation(run, settings, **kw)
-    assert len(calls) == 3, "chunk 1 again (damaged), then the two the crash left"
-    assert "unreadable chunk result" in caplog.text
-    assert resumed["chunks_resumed"] == 3
+    assert len(calls) == 4, "chunk 1 again (damaged), then the one the crash left, two radii each"
+    assert "is damaged" in caplog.text
+    assert resumed["chunks_resumed"] == 1
     assert not parts.exists(), "removed once eval.json is written"
 
     calls.clear()
@@ -219,7 +221,7 @@ def test_robust_accuracy_agrees_in_bf16_and_fp32(trained_run, digits_dir):
     TA and RA within noise of fp32 (paired, 360 test images)."""
     import copy
 
-    from dat_ds.evaluate import evaluate
+    from dat_ds.robust_eval import evaluate
     from dat_ds.export import load_exported
     from dat_ds.models import to_low_precision
 
@@ -244,9 +246,10 @@ def test_a_held_out_validation_split_is_trained_beside_and_evaluated_alone(train
     training checks eval.split names a split it has, and the evaluation command scores val into its own file."""
     from dat_ds.config import ConfigError
     from dat_ds.data.shards import SampleReader
-    from dat_ds.evaluate import AttackSettings, run_evaluation
+    from dat_ds.evaluate import run_evaluation
+    from dat_ds.robust_eval import AttackSettings
     from dat_ds.export import load_exported
-    from dat_ds.train import make_plan
+    from dat_ds.training.plan import make_plan
     from data_prep.holdout import make_holdout
 
     src = load_index(digits_dir)
@@ -285,5 +288,7 @@ def test_a_held_out_validation_split_is_trained_beside_and_evaluated_alone(train
     rep = run_evaluation(run, s, split="val", **kw)
     assert rep["n_examples"] == 60 and rep["split"] == "val"
     assert (run / "eval_val.json").is_file() and not (run / "eval.json").exists()
-    with pytest.raises(SystemExit, match="data_prep.holdout"):
+    from dat_ds.cli import UsageError
+
+    with pytest.raises(UsageError, match="data_prep.holdout"):
         run_evaluation(run, s, split="valid", **kw)

@@ -363,7 +363,8 @@ def test_pairs_batching_counts_image_noise_pairs(digits_dir):
     """smoothing.batch_unit = "pairs": a micro-batch of 16 pairs at N = 4 reads 4 images, an epoch takes N times
     the steps, and the objective sees 16 noisy rows."""
     from dat_ds.objectives import gaussian
-    from dat_ds.train import make_plan, train_batches
+    from dat_ds.training.plan import make_plan
+    from dat_ds.training.step import train_batches
 
     common = [f'data.shards="{digits_dir}"', 'loss.objective="gaussian"', "smoothing.noise_samples=4",
               "train.micro_batch_size=16", "train.global_batch_size=32"]  # fmt: skip

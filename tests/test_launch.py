@@ -54,7 +54,7 @@ def test_two_ranks_train_evaluate_track_checkpoint_export(tmp_path, digits_dir):
         assert r["data_mb_source"] == "wire"
         assert abs(r["data_mb_per_iter"] / r["data_mb_per_iter_theory"] - 1) < 0.03
     assert recs[1]["clean_acc"] > 0.5
-    assert json.loads((run / "config.json").read_text())["train"]["micro_batch_size"] == 32
+    assert json.loads((run / "recipe.json").read_text())["train"]["micro_batch_size"] == 32
     assert list((run / "wandb").glob("offline-run-*")), "wandb offline run written by rank 0"
     assert proc.stdout.count("epoch 2 |") == 1, "rank 0 alone logs"
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())

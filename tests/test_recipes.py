@@ -27,6 +27,7 @@ FIRST = ["imagenet_r50_dat_pgd", "mnist_pretrain_dat_pgd"]  # the starts of the 
 @pytest.fixture(scope="module")
 def shard_sets(tmp_path_factory, imagenet_tree, digits_dir, semisup_digits) -> dict:
     from data_prep.cifar import main as cifar
+    from data_prep.holdout import main as holdout
     from data_prep.imagenet import main as imagenet
     from data_prep.tiny_images import main as tiny_images
     from tests.test_data_prep import write_cifar10
@@ -37,11 +38,12 @@ def shard_sets(tmp_path_factory, imagenet_tree, digits_dir, semisup_digits) -> d
     imagenet([str(imagenet_tree), str(d / "inet")])
     write_cifar10(d / "c10_batches", digits_dir)
     cifar([str(d / "c10_batches"), str(d / "c10")])
+    holdout([str(d / "c10"), str(d / "c10_val"), "--n", "8", "--seed", "0"])  # for recipes that monitor "val"
     _write_cifar100(d / "c100_batches", digits_dir)
     cifar([str(d / "c100_batches"), str(d / "c100")])
     _ti_file(d / "ti.pickle", n=24)
     tiny_images([str(d / "ti.pickle"), str(d / "ti"), "--rst-labels"])
-    return {"inet": d / "inet", "c10": d / "c10", "c100": d / "c100", "ti": d / "ti", "digits": digits_dir,
+    return {"inet": d / "inet", "c10": d / "c10", "c10_val": d / "c10_val", "c100": d / "c100", "ti": d / "ti", "digits": digits_dir,
             "digits_pseudo": semisup_digits["pseudo"], "digits_l30": semisup_digits["labeled"]}  # fmt: skip
 
 
@@ -61,7 +63,7 @@ def shrink(recipe: str, data: dict, runs) -> list[str]:
     elif recipe.startswith("cifar100_"):
         o += [f'data.shards="{data["c100"]}"']
     elif recipe.startswith("cifar10"):
-        o += [f'data.shards="{data["c10"]}"']
+        o += [f'data.shards="{data["c10_val" if cfg.eval.split == "val" else "c10"]}"']
     elif recipe.startswith("mnist_semisup"):
         o += [
             f'data.shards="{data["digits_l30"]}"',

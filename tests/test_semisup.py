@@ -190,7 +190,7 @@ def test_mnist_from_the_wheel(tmp_path):
 
 
 def _plan(labeled, unlabeled, world, micro=16, fraction=0.5, accum=1, workers=0):
-    from dat_ds.train import make_plan
+    from dat_ds.training.plan import make_plan
 
     cfg = load_config(
         REPO / "recipes/digits_dat_pgd.toml",
@@ -213,7 +213,7 @@ def _plan(labeled, unlabeled, world, micro=16, fraction=0.5, accum=1, workers=0)
 def test_every_micro_batch_has_the_exact_share_on_every_rank(
     semisup_digits, id_set, world, accum, workers, fraction
 ):
-    from dat_ds.train import train_batches
+    from dat_ds.training.step import train_batches
 
     micro = 16
     cfg, plan = _plan(semisup_digits["labeled"], id_set, world, micro, fraction, accum, workers)
@@ -250,7 +250,7 @@ def test_pooled_sets_are_one_stream_every_sample_once_per_epoch(
     both sets together, the global batch of a step does not depend on the world size, and each micro-batch puts
     its labeled samples first with their count."""
     from dat_ds.data.shards import Sample
-    from dat_ds.train import train_batches
+    from dat_ds.training.step import train_batches
 
     labeled = tmp_path_factory.mktemp("pool_lab")
     train, test = digits_samples()
@@ -267,7 +267,7 @@ def test_pooled_sets_are_one_stream_every_sample_once_per_epoch(
             [f'data.shards="{labeled}"', f'unlabeled.shards="{id_set}"', 'unlabeled.mixing="pool"',
              "train.micro_batch_size=16", f"train.global_batch_size={16 * w * accum}", f"data.workers={workers}"],
         )  # fmt: skip
-        from dat_ds.train import make_plan
+        from dat_ds.training.plan import make_plan
 
         return cfg, make_plan(cfg, w)
 
@@ -293,7 +293,7 @@ def test_pooled_sets_are_one_stream_every_sample_once_per_epoch(
 
 
 def test_a_resumed_two_stream_epoch_continues_the_same_batches(semisup_digits, id_set):
-    from dat_ds.train import train_batches
+    from dat_ds.training.step import train_batches
 
     cfg, plan = _plan(semisup_digits["labeled"], id_set, world=2)
     for r in range(2):
@@ -305,7 +305,7 @@ def test_a_resumed_two_stream_epoch_continues_the_same_batches(semisup_digits, i
 
 
 def test_two_stream_recipe_errors(semisup_digits, digits_dir):
-    from dat_ds.train import make_plan
+    from dat_ds.training.plan import make_plan
 
     base = [f'data.shards="{semisup_digits["labeled"]}"']
     with pytest.raises(
@@ -452,8 +452,8 @@ def test_pseudo_labels_do_not_depend_on_the_world_size_and_resume(tmp_path, semi
     parts = tmp_path / "one" / ".parts"
     (tmp_path / "one" / "index.json").unlink()
     for c in (3, 8):
-        (parts / f"chunk{c:07d}.npy").unlink()
-    kept = {p.name: p.stat().st_mtime_ns for p in parts.iterdir()}
+        (parts / f"chunk{c:07d}.npz").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in parts.glob("chunk*.npz")}
     assert main([str(labeller_run), str(unl), str(tmp_path / "one"), "--chunk", "100", "--batch", "64"]) == 0
     assert all(parts.joinpath(n).stat().st_mtime_ns == t for n, t in kept.items())
     assert np.array_equal(np.load(tmp_path / "one/pseudo_labels.npy"), a)

@@ -144,7 +144,7 @@ def test_smoothing_recipe_values_are_checked():
 
 
 @pytest.mark.launcher
-def test_certification_is_the_same_on_one_and_two_ranks_and_resumes(tmp_path, labeller_run):
+def test_certification_is_the_same_on_one_and_two_ranks_and_resumes(tmp_path, labeller_run, capsys):
     from dat_ds.certify import main
 
     args = ["--sigma", "0.25", "--N0", "20", "--N", "200", "--subset", "40", "--chunk", "6", "--batch", "256"]
@@ -186,15 +186,17 @@ def test_certification_is_the_same_on_one_and_two_ranks_and_resumes(tmp_path, la
     # killed half way: the chunks on disk are kept and only the missing ones are computed
     parts = one / "parts"
     for c in (1, 4):
-        (parts / f"chunk{c:06d}.tsv").unlink()
-    kept = {p.name: p.stat().st_mtime_ns for p in parts.iterdir()}
+        (parts / f"chunk{c:07d}.npz").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in parts.glob("chunk*.npz")}
     assert main([str(labeller_run), *args]) == 0
     assert all((parts / n).stat().st_mtime_ns == t for n, t in kept.items())
     assert strip_time((one / "certify.tsv").read_text()) == rows
     # other settings into the same folder are refused
     (one / "settings.json").write_text("{}")
-    with pytest.raises(SystemExit, match="other settings"):
-        main([str(labeller_run), *args])
+    capsys.readouterr()
+    assert main([str(labeller_run), *args]) == 2
+    err = capsys.readouterr().err
+    assert "dat-ds: error:" in err and "other settings" in err
 
 
 @pytest.mark.launcher
