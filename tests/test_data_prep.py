@@ -136,10 +136,10 @@ def test_imagenet_flat_val_and_the_robustbench_subset_evaluate(imagenet_tree, tm
     from types import SimpleNamespace
 
     from dat_ds.config import load_config
-    from dat_ds.robust_eval import load_examples
     from dat_ds.evaluate import main as evaluate_main
     from dat_ds.export import export_safetensors
     from dat_ds.models import build_model
+    from dat_ds.robust_eval import load_examples
     from data_prep.imagenet import IMAGENET_MEAN, IMAGENET_STD
     from data_prep.imagenet import main as imagenet_main
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from dat_ds.config import load_config
 from dat_ds.data.loader import make_eval_loader
 from dat_ds.data.shards import load_index
-from dat_ds.robust_eval import sanity_flags, select_indices
 from dat_ds.export import export_safetensors
 from dat_ds.models import build_model
 from dat_ds.report import summarize, table
+from dat_ds.robust_eval import sanity_flags, select_indices
 from tests.conftest import REPO, VENV_BIN, launch_env
 
 
@@ -221,9 +221,9 @@ def test_robust_accuracy_agrees_in_bf16_and_fp32(trained_run, digits_dir):
     TA and RA within noise of fp32 (paired, 360 test images)."""
     import copy
 
-    from dat_ds.robust_eval import evaluate
     from dat_ds.export import load_exported
     from dat_ds.models import to_low_precision
+    from dat_ds.robust_eval import evaluate
 
     model, _ = load_exported(trained_run / "model.safetensors", torch.device("cpu"))
     low = to_low_precision(copy.deepcopy(model), torch.bfloat16)
@@ -247,8 +247,8 @@ def test_a_held_out_validation_split_is_trained_beside_and_evaluated_alone(train
     from dat_ds.config import ConfigError
     from dat_ds.data.shards import SampleReader
     from dat_ds.evaluate import run_evaluation
-    from dat_ds.robust_eval import AttackSettings
     from dat_ds.export import load_exported
+    from dat_ds.robust_eval import AttackSettings
     from dat_ds.training.plan import make_plan
     from data_prep.holdout import make_holdout
 
