@@ -181,6 +181,10 @@ class Checkpointer:
     def save(self, engine, tag: str, client_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
         """Collective: every rank calls it."""
         problem = self._room_for_one_more(engine) if self.rank == 0 else None
+        if (
+            self.rank == 0
+        ):  # saving again into a tag (a resumed run redoing an epoch): not complete until it is
+            (self.dir / tag / MARKER).unlink(missing_ok=True)
         if rank0_decides(int(problem is not None), engine.device):  # every rank stops, not only rank 0
             raise SystemExit(
                 f"dat-ds: error: {problem}" if problem else "dat-ds: stopping: rank 0 found no room"
@@ -207,7 +211,9 @@ class Checkpointer:
                 "world_size": self.world,
                 # every file's size: a truncated or replaced file is found before it is loaded (``damaged``)
                 "files": {
-                    f.name: f.stat().st_size for f in sorted((self.dir / tag).iterdir()) if f.is_file()
+                    f.name: f.stat().st_size
+                    for f in sorted((self.dir / tag).iterdir())
+                    if f.is_file() and f.name != MARKER
                 },
             }
             _atomic_write_text(self.dir / tag / MARKER, json.dumps(meta))

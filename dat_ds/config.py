@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -43,6 +44,11 @@ class DataConfig:
             "data.shards is empty: point it at a folder made by data_prep/ (has index.json)",
         )
         _check(self.workers >= 0, f"data.workers={self.workers} must be >= 0")
+        _check(
+            self.image_size >= 0,
+            f"data.image_size={self.image_size} must be >= 0 (0: the shard set's own size)",
+        )
+        _check(self.eval_limit >= 0, f"data.eval_limit={self.eval_limit} must be >= 0 (0: every test sample)")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,9 @@ class ModelConfig:
     # timm ResNets zero-initialize the last BatchNorm weight of each residual block; false initializes it to 1, as
     # torchvision's resnet50 (the official DAT code's network). Unset: the model's own default.
     zero_init_last: bool | None = None
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.drop_rate < 1, f"model.drop_rate={self.drop_rate} must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -210,14 +219,20 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
         _check(
-            0 <= self.c_lower <= self.c_upper,
-            "optim.c_lower <= optim.c_upper must hold (tau clips to [c_l, c_u])",
+            0 <= self.c_lower <= self.c_upper and self.c_upper > 0,
+            f"optim.c_lower={self.c_lower}, optim.c_upper={self.c_upper}: 0 <= c_lower <= c_upper and c_upper > 0 must "
+            "hold (tau clips the weight norm to [c_l, c_u]; c_u = 0 would never move a layer)",
         )
         _check(self.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
         _check(0 <= self.momentum < 1, f"optim.momentum={self.momentum} must be in [0, 1)")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
         _check(all(0 <= b < 1 for b in self.betas), f"optim.betas={list(self.betas)} must be in [0, 1)")
         _check(self.gamma > 0, f"optim.gamma={self.gamma} must be > 0")
+        _check(self.adam_eps > 0, f"optim.adam_eps={self.adam_eps} must be > 0 (Adam's denominator term)")
+        _check(
+            all(m >= 0 for m in self.milestones),
+            f"optim.milestones={list(self.milestones)} must be >= 0 (epochs)",
+        )
         _check(self.lr_ref_batch >= 1, f"optim.lr_ref_batch={self.lr_ref_batch} must be >= 1")
         _check(list(self.milestones) == sorted(self.milestones), "optim.milestones must be increasing")
 
@@ -292,6 +307,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
+        _check(self.seed >= 0, f"train.seed={self.seed} must be >= 0 (numpy seeds are unsigned)")
         _check(self.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
         _check(self.global_batch_size >= 1, "train.global_batch_size must be >= 1")
         _check(
@@ -421,10 +437,6 @@ class RunConfig:
 # ---------------------------------------------------------------------------------------------- parsing
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -449,6 +461,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where} must be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}={value!r} must be a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -518,7 +532,10 @@ def load_config(recipe: str | Path | None, overrides: list[str] | tuple[str, ...
     return _build(RunConfig, values)
 
 
-# What a resumed run may change: nothing here alters the weights' math or the training data stream.
+# What a resumed run may change. None of it alters the weights' math or the training data stream
+# (tests/test_launch.py resumes with every entry changed and ends bit-identical), except train.epochs, which
+# changes the run's length on purpose: with a schedule over the epochs (cosine, milestones) the LR from the resumed
+# step on follows the new length.
 RESUME_MAY_CHANGE = (
     "train.epochs",
     "train.log_every",
@@ -565,8 +582,3 @@ def resume_differences(saved: dict[str, Any], new: RunConfig) -> tuple[list[str]
         line = f"{key}: {old!r} -> {cur!r}"
         (allowed if key.startswith(RESUME_MAY_CHANGE) else refused).append(line)
     return refused, allowed
-
-
-def config_from_dict(values: dict[str, Any]) -> RunConfig:
-    """Rebuild a config saved by ``to_dict`` (checkpoints, run folders)."""
-    return _build(RunConfig, values)

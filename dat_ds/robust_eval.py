@@ -241,7 +241,7 @@ def load_examples(
     index, wanted: list[int], mine: set[int], augment: str, image_size: int, split: str = "test"
 ):
     """Decode the examples of ``split`` at positions ``mine`` of ``wanted``; returns {position: (x uint8, y)}."""
-    from .data.shards import read_shard
+    from .data.shards import ShardError, read_shard
     from .data.transforms import decode
 
     need = {wanted[p]: p for p in mine}  # test-split index -> position
@@ -251,16 +251,19 @@ def load_examples(
         if any(g in need for g in range(start, start + shard.count)):
             for g, s in enumerate(read_shard(shard.url, shard.count), start=start):
                 if g in need:
-                    out[need[g]] = (
-                        decode(
-                            s.image,
-                            channels=index.channels,
-                            augment=augment,
-                            train=False,
-                            image_size=image_size,
-                            rng=None,
-                        ),
-                        s.label,
-                    )
+                    try:
+                        x = decode(s.image, channels=index.channels, augment=augment, train=False,
+                                   image_size=image_size, rng=None)  # fmt: skip
+                    except (
+                        OSError,
+                        ValueError,
+                        SyntaxError,
+                    ) as e:  # PIL's errors for bytes that are no image
+                        raise ShardError(
+                            f"sample {s.key} (number {g} of the {split} split) of shard {shard.url}: cannot decode "
+                            f"its image ({type(e).__name__}: {e}); replace the shard, or leave the example out "
+                            "with --indices"
+                        ) from None
+                    out[need[g]] = (x, s.label)
         start += shard.count
     return out

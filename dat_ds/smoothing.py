@@ -14,8 +14,6 @@ The smoothed classifier is g(x) = argmax_c P(f(x + sigma * e) = c), e ~ N(0, I),
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -99,8 +97,3 @@ def smoothed_log_prob(model: nn.Module, x_noisy: torch.Tensor, m: int) -> torch.
     """(B, classes): log of the mean softmax over the m noisy copies of each example (rows i * m .. i * m + m - 1)."""
     p = F.softmax(model(x_noisy).float(), 1)
     return p.view(-1, m, p.shape[1]).mean(1).clamp_min(1e-12).log()
-
-
-def closed_form_radius(p_lower: float, sigma: float) -> float:
-    """sigma * Phi^-1(p) (for tests and reports)."""
-    return sigma * math.sqrt(2) * float(torch.erfinv(torch.tensor(2 * p_lower - 1, dtype=torch.float64)))

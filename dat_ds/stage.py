@@ -221,13 +221,3 @@ class Stage:
 
                 shutil.rmtree(self.folder, ignore_errors=True)
         self.release()
-
-
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Collective: ``t`` summed over the ranks (on the backend's device)."""
-    if not dist.is_initialized():
-        return t
-    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    out = t.to(dev)
-    dist.all_reduce(out)
-    return out.cpu()

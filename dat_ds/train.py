@@ -96,6 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"dat-ds: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:
+        # A refusal from a lower floor (a checkpoint unsafe to load, damaged, from another world size; a disk too
+        # full to save): exit 2, so that a supervisor does not restart what would be refused again.
+        if not isinstance(e.code, str):
+            raise
+        print(
+            f"dat-ds: rank {rank}: error: {e.code.removeprefix('dat-ds: error: ')}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
     except RuntimeError as e:  # gloo and NCCL report a lost peer or a timeout as RuntimeError (subclasses)
         collective = isinstance(e, torch.distributed.DistError) or any(
             k in str(e) for k in ("gloo", "NCCL", "Connection closed", "Timed out", "timed out")

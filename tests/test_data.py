@@ -2,7 +2,11 @@
 
 import collections
 import itertools
+import json
+import os
 import tarfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,3 +323,72 @@ def test_missing_shard_and_folder_errors(tmp_path, digits_dir):
 def test_too_small_split_for_the_batch():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         batches_per_epoch(100, 128)
+
+
+def _fetch(url: str, count: int, nbytes: int, cache: str, out: str) -> None:
+    os.environ["DAT_DS_SHARD_CACHE"] = cache
+    from dat_ds.data.shards import ShardInfo, local_copy
+
+    Path(out).write_text(local_copy(ShardInfo(url, count, nbytes)))
+
+
+def test_two_processes_of_a_node_fetch_a_url_shard_once(tmp_path, digits_dir):
+    """The cache is per node and locked per shard: two processes wanting the same URL at once download it once
+    (the command below counts its runs) and both read the same whole copy."""
+    import multiprocessing as mp
+
+    info = load_index(digits_dir).split("test").shards[0]
+    counter = tmp_path / "fetches"
+    url = f"pipe:sh -c 'echo x >> {counter}; sleep 1; cat {info.url}'"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_fetch, args=(url, info.count, info.nbytes, str(tmp_path / "cache"),
+                                              str(tmp_path / f"out{i}"))) for i in range(2)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert counter.read_text().count("x") == 1, "one download for the node"
+    paths = {(tmp_path / f"out{i}").read_text() for i in range(2)}
+    assert len(paths) == 1 and Path(paths.pop()).read_bytes() == Path(info.url).read_bytes()
+
+
+def test_the_shard_cache_keeps_under_its_cap(tmp_path, digits_dir, monkeypatch):
+    from dat_ds.data.shards import local_copy
+
+    monkeypatch.setenv("DAT_DS_SHARD_CACHE", str(tmp_path / "cache"))
+    shards = load_index(digits_dir).split("train").shards[:3]
+    monkeypatch.setenv(
+        "DAT_DS_SHARD_CACHE_GB", str(2.5 * max(s.nbytes for s in shards) / 1e9)
+    )  # room for two
+    paths = []
+    for s in shards:
+        paths.append(local_copy(ShardInfo(f"pipe:cat {s.url}", s.count, s.nbytes)))
+        time.sleep(0.02)
+    assert not Path(paths[0]).exists(), "the least recently used shard was evicted"
+    assert Path(paths[1]).is_file() and Path(paths[2]).is_file()
+    assert Path(paths[2]).read_bytes() == Path(shards[2].url).read_bytes()
+
+
+def test_commands_in_an_index_and_files_outside_it_need_an_opt_in(tmp_path, digits_dir, monkeypatch):
+    import shutil
+
+    d = tmp_path / "set"
+    shutil.copytree(digits_dir, d)
+    raw = json.loads((d / "index.json").read_text())
+    first = raw["splits"]["test"]["shards"][0]
+    first["url"] = f"pipe:cat {d / first.pop('file')}"
+    (d / "index.json").write_text(json.dumps(raw))
+    monkeypatch.delenv("DAT_DS_ALLOW_PIPE", raising=False)
+    with pytest.raises(ShardError, match="lists a shard as a shell command .* DAT_DS_ALLOW_PIPE=1"):
+        load_index(d)
+    monkeypatch.setenv("DAT_DS_ALLOW_PIPE", "1")
+    assert load_index(d).split("test").count == load_index(digits_dir).split("test").count
+    # an absolute path outside the folder
+    first["url"] = str(digits_dir / "test-000000.tar")
+    (d / "index.json").write_text(json.dumps(raw))
+    monkeypatch.delenv("DAT_DS_ALLOW_OUTSIDE", raising=False)
+    with pytest.raises(ShardError, match="outside its folder .* DAT_DS_ALLOW_OUTSIDE=1"):
+        load_index(d)
+    monkeypatch.setenv("DAT_DS_ALLOW_OUTSIDE", "1")
+    load_index(d)

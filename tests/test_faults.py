@@ -94,3 +94,36 @@ def test_an_undecodable_image_is_named_or_skipped(tmp_path, digits_dir, workers)
     assert len(batches) == 22 and all(x.shape == (32, 1, 8, 8) for x, _ in batches)
     labels = torch.cat([y for _, y in batches])
     assert (labels == IGNORE).sum() == 1
+
+
+def _corrupt_one_test_image(src, dst, number: int) -> None:
+    import shutil
+
+    import numpy as np
+
+    shutil.copytree(src, dst)
+    shard, start, _, _ = (int(v) for v in np.load(dst / "test.members.npy")[number])
+    path = dst / f"test-{shard:06d}.tar"
+    data = bytearray(path.read_bytes())
+    data[start + 512 : start + 576] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+
+
+def test_the_test_split_is_held_to_the_training_split_standards(tmp_path, digits_dir):
+    """A corrupt test image is named (sample, number, shard) when the monitored split is first read, which
+    training does before its first step, and data.on_bad_sample = "skip" leaves it out of the counts; the
+    evaluation command names it too."""
+    from dat_ds.data.loader import EvalStream
+    from dat_ds.data.shards import ShardError, load_index
+    from dat_ds.robust_eval import load_examples
+
+    _corrupt_one_test_image(digits_dir, tmp_path / "d", 17)
+    index = load_index(tmp_path / "d")
+    kw = dict(rank=0, world=1, augment="none", image_size=8, batch_size=64)
+    with pytest.raises(
+        ShardError, match=r"sample \S+ \(number 17 of the test split\) of shard .*test-00000\d\.tar"
+    ):
+        EvalStream(index, "test", **kw).check()
+    assert EvalStream(index, "test", on_bad_sample="skip", **kw).check() == index.split("test").count - 1
+    with pytest.raises(ShardError, match="number 17 of the test split"):
+        load_examples(index, list(range(20)), set(range(20)), "none", 8)

@@ -90,22 +90,34 @@ COMPRESSED_4BIT = [
 ]
 
 
+# What a resume may change (config.RESUME_MAY_CHANGE) without changing the training: the fp32 case resumes with
+# every entry changed at once (train.epochs aside: it changes the run's length, and with it a schedule over epochs).
+MAY_CHANGE = ["train.log_every=3", "train.collective_timeout_s=300", "data.workers=2", "data.eval_limit=100",
+              "eval.pgd_steps=3", "eval.batch_size=50", "eval.every_epochs=2", "checkpoint.keep=3",
+              "checkpoint.every_steps=5", "checkpoint.every_epochs=2", 'log.project="elsewhere"',
+              "log.every_steps=2"]  # fmt: skip
+
+
 @pytest.mark.parametrize("mode", [[], COMPRESSED_4BIT], ids=["fp32", "4bit-2sided-ef-stochastic"])
 def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tmp_path, digits_dir, mode):
+    """A run killed mid-epoch and resumed ends bit-identical to one never interrupted. In fp32 the uninterrupted
+    run saves no mid-epoch checkpoints (saving must not change the math) and the resume changes every setting a
+    resume may change."""
     common = [
         "train.epochs=3",
         "train.deterministic=true",
-        "checkpoint.every_steps=4",
         "attack.steps=3",
         "train.layer_stats_every=2",
         *mode,
     ]
+    saves = ["checkpoint.every_steps=4"]
     ref = run_launcher(
-        tmp_path, "digits_dat_pgd.toml", base(tmp_path, digits_dir, "ref", *common), port=29631
-    )
+        tmp_path, "digits_dat_pgd.toml", base(tmp_path, digits_dir, "ref", *common, *(saves if mode else [])),
+        port=29631,
+    )  # fmt: skip
     assert ref.returncode == 0, ref.stderr[-3000:]
 
-    ov = base(tmp_path, digits_dir, "killed", *common)
+    ov = base(tmp_path, digits_dir, "killed", *common, *saves)
     proc = start(deepspeed_cmd("digits_dat_pgd.toml", ov, port=29632), tmp_path)
     # 11 steps an epoch: step 16 is mid-epoch 2; kill right after its checkpoint completes.
     wait_for(tmp_path / "killed" / "checkpoints" / "step00000016" / "COMPLETE", proc)
@@ -113,13 +125,21 @@ def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tmp_path, digits_dir,
     kill_tree(proc)
     assert not (tmp_path / "killed" / "model.safetensors").exists()
 
-    res = run_launcher(tmp_path, "digits_dat_pgd.toml", ov, port=29633, extra=["--resume", "auto"])
+    changed = [] if mode else MAY_CHANGE
+    res = run_launcher(
+        tmp_path, "digits_dat_pgd.toml", [*ov, *changed], port=29633, extra=["--resume", "auto"]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
+    if changed:
+        assert "resuming with changed settings" in res.stderr
     a, b = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "killed")
     assert [r["epoch"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b, strict=True):
-        for k in ("train_loss", "train_adv_acc", "clean_acc", "pgd_acc", "lr", "steps"):
+        monitor = (
+            ("clean_acc", "pgd_acc") if not changed or rb["epoch"] == 1 else ()
+        )  # eval.* changed after 1
+        for k in ("train_loss", "train_adv_acc", "lr", "steps", *monitor):
             assert ra[k] == rb[k], (ra["epoch"], k, ra[k], rb[k])
         assert rb["grad_values_reduced_per_step"] == DIGITS_CNN_PARAMS and rb["replicas_identical"] is True
         if mode:  # overlapped in several buckets, each launched once per step

@@ -1,2 +1,2 @@
-"""Compressed gradient aggregation: codec (pure torch), transport (the only torch.distributed caller), and the
-seam that puts them inside the DeepSpeed engine (engine_seam.py)."""
+"""Compressed gradient aggregation: the codecs (pure torch), the transport (the only code that moves gradients
+between ranks) and the seam that puts them inside the DeepSpeed engine (engine_seam.py, overlap.py)."""

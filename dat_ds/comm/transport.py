@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -248,115 +248,23 @@ class GradientReducer:
         """Sharded parameter server over rounds of ``bucket_numel`` values per owner, pipelined: while round r's
         bytes travel, round r+1 is encoded and round r-1 decoded (gloo and NCCL move the bytes on their own
         threads/streams)."""
-        me = dist.get_rank(group)
-        block, up, down = self.codec.block, self.codec, self.down_codec
-        n, per_round = x.numel(), self.bucket_numel * world
-        gen = self._gen(x.device)
-        ef = self.error_feedback
-        prof = self.profile
-
-        class phase:  # wall time per phase of the exchange, when profiling
-            def __init__(self, name: str):
-                self.name = name
-
-            def __enter__(self):
-                self.t0 = time.perf_counter() if prof is not None else 0.0
-
-            def __exit__(self, *exc):
-                if prof is not None:
-                    prof[self.name] = prof.get(self.name, 0.0) + time.perf_counter() - self.t0
-
-        def start_upload(r: int, start: int) -> dict:
-            stop = min(n, start + per_round)
-            m = stop - start
-            chunk = -(-m // (world * block)) * block  # values per owner, block-aligned
-            if chunk * world == m:
-                src = x[start:stop]
-            else:
-                src = torch.zeros(chunk * world, dtype=torch.float32, device=x.device)
-                src[:m] = x[start:stop]
-            if ef:
-                src = self.worker_ef.add_residual(f"{key}/{r}", src)
-            segs = self._owner_segments(sizes, key, r, start, stop, chunk, world, n)
-            enc = torch.empty(world, up.encoded_nbytes(chunk, segs[0]), dtype=torch.uint8, device=x.device)
-            with phase("encode"):
-                for j in range(world):
-                    up.encode(src[j * chunk : (j + 1) * chunk], out=enc[j], generator=gen, segments=segs[j])
-            if ef:
-                sent = torch.empty_like(src)
-                for j in range(world):
-                    up.decode(enc[j], chunk, out=sent[j * chunk : (j + 1) * chunk], segments=segs[j])
-                self.worker_ef.store(f"{key}/{r}", src, sent)
-            inbox = torch.empty_like(enc)
-            inbox[me].copy_(enc[me])
-            reqs = self._post(
-                [enc[j] if j != me else None for j in range(world)],
-                [inbox[j] if j != me else None for j in range(world)],
-                group,
-                tag=2 * r,
-            )
-            return dict(r=r, start=start, stop=stop, chunk=chunk, enc=enc, inbox=inbox, reqs=reqs, segs=segs)
-
-        def finish_upload(st: dict) -> None:
-            with phase("wait upload"):
-                for q in st["reqs"]:
-                    q.wait()
-            chunk, seg = st["chunk"], st["segs"][me]
-            # Owner: fp32 sum of the decoded copies in rank order (the same on every run), then the mean.
-            with phase("owner decode+mean"):
-                agg = up.decode_mean(
-                    st["inbox"], chunk, torch.empty(chunk, dtype=torch.float32, device=x.device), segments=seg
-                )
-            if self.two_sided and ef:
-                agg = self.server_ef.add_residual(f"{key}/{st['r']}", agg)
-            with phase("owner re-encode"):
-                mine = down.encode(agg, generator=gen, segments=seg)
-            if self.two_sided and ef:
-                self.server_ef.store(f"{key}/{st['r']}", agg, down.decode(mine, chunk, segments=seg))
-            outbox = torch.empty(world, mine.numel(), dtype=torch.uint8, device=x.device)
-            st.update(mine=mine, outbox=outbox, enc=None, inbox=None)
-            st["reqs"] = self._post(
-                [mine if j != me else None for j in range(world)],
-                [outbox[j] if j != me else None for j in range(world)],
-                group,
-                tag=2 * st["r"] + 1,
-            )
-
-        def finish_download(st: dict) -> None:
-            with phase("wait download"):
-                for q in st["reqs"]:
-                    q.wait()
-            chunk, start, stop = st["chunk"], st["start"], st["stop"]
-            full = chunk * world == stop - start
-            dst = x[start:stop] if full else torch.empty(chunk * world, dtype=torch.float32, device=x.device)
-            with phase("decode"):
-                for j in range(world):
-                    # Every rank, the owner included, decodes the same bytes: replicas end bit-identical.
-                    down.decode(
-                        st["mine"] if j == me else st["outbox"][j],
-                        chunk,
-                        out=dst[j * chunk : (j + 1) * chunk],
-                        segments=st["segs"][j],
-                    )
-            if not full:
-                x[start:stop].copy_(dst[: stop - start])
-
-        uploading: deque = deque()
-        downloading: deque = deque()
-        for r, start in enumerate(range(0, n, per_round)):
-            uploading.append(start_upload(r, start))
+        ex = _PSExchange(self, x, world, group, key, sizes)
+        uploading: deque[_Round] = deque()
+        downloading: deque[_Round] = deque()
+        for r, start in enumerate(range(0, x.numel(), self.bucket_numel * world)):
+            uploading.append(ex.start_upload(r, start))
             if len(uploading) > 1:
-                st = uploading.popleft()
-                finish_upload(st)
-                downloading.append(st)
+                rd = uploading.popleft()
+                ex.finish_upload(rd)
+                downloading.append(rd)
             if len(downloading) > 1:
-                finish_download(downloading.popleft())
+                ex.finish_download(downloading.popleft())
         while uploading:
-            st = uploading.popleft()
-            finish_upload(st)
-            downloading.append(st)
+            rd = uploading.popleft()
+            ex.finish_upload(rd)
+            downloading.append(rd)
         while downloading:
-            finish_download(downloading.popleft())
+            ex.finish_download(downloading.popleft())
 
     # ------------------------------------------------------------------------------------------------ theory
 
@@ -368,3 +276,130 @@ class GradientReducer:
             return 2 * 2 * (world - 1) / world * numel * self.codec.bits / 8
         # Each rank uploads (W-1)/W of the values and downloads (W-1)/W of the mean, and receives as much.
         return 2 * (world - 1) / world * numel * (self.codec.bits + self.down_codec.bits) / 8
+
+
+@dataclass
+class _Round:
+    """One round of the ps exchange: values ``start:stop`` of the flat gradient, ``chunk`` per owner."""
+
+    r: int
+    start: int
+    stop: int
+    chunk: int
+    segs: list  # each owner chunk's Segments (qsgd) or None
+    reqs: list = field(default_factory=list)  # point-to-point requests in flight
+    enc: torch.Tensor | None = None  # this rank's encoded chunks, one row per owner (upload)
+    inbox: torch.Tensor | None = None  # every rank's encoding of the chunk this rank owns
+    mine: torch.Tensor | None = None  # this rank's encoded mean of its chunk (download)
+    outbox: torch.Tensor | None = None  # every owner's encoded mean
+
+
+class _PSExchange:
+    """The three phases of the ps transport for one flat gradient ``x``: upload (encode each owner's chunk, send
+    it to its owner), aggregate (the owner decodes the world's copies, averages, re-encodes, sends the mean to
+    everyone) and download (decode every owner's mean into ``x``)."""
+
+    def __init__(self, reducer: GradientReducer, x: torch.Tensor, world: int, group, key: str, sizes):
+        self.red, self.x, self.world, self.group, self.key, self.sizes = reducer, x, world, group, key, sizes
+        self.me = dist.get_rank(group)
+        self.up, self.down = reducer.codec, reducer.down_codec
+        self.gen = reducer._gen(x.device)
+        self.ef = reducer.error_feedback
+
+    def _phase(self, name: str):
+        prof = self.red.profile
+        return _Timer(prof, name)
+
+    def start_upload(self, r: int, start: int) -> _Round:
+        red, x, world, me, up = self.red, self.x, self.world, self.me, self.up
+        n, block = x.numel(), up.block
+        stop = min(n, start + red.bucket_numel * world)
+        m = stop - start
+        chunk = -(-m // (world * block)) * block  # values per owner, block-aligned
+        if chunk * world == m:
+            src = x[start:stop]
+        else:
+            src = torch.zeros(chunk * world, dtype=torch.float32, device=x.device)
+            src[:m] = x[start:stop]
+        if self.ef:
+            src = red.worker_ef.add_residual(f"{self.key}/{r}", src)
+        segs = red._owner_segments(self.sizes, self.key, r, start, stop, chunk, world, n)
+        enc = torch.empty(world, up.encoded_nbytes(chunk, segs[0]), dtype=torch.uint8, device=x.device)
+        with self._phase("encode"):
+            for j in range(world):
+                up.encode(src[j * chunk : (j + 1) * chunk], out=enc[j], generator=self.gen, segments=segs[j])
+        if self.ef:
+            sent = torch.empty_like(src)
+            for j in range(world):
+                up.decode(enc[j], chunk, out=sent[j * chunk : (j + 1) * chunk], segments=segs[j])
+            red.worker_ef.store(f"{self.key}/{r}", src, sent)
+        inbox = torch.empty_like(enc)
+        inbox[me].copy_(enc[me])
+        rd = _Round(r, start, stop, chunk, segs, enc=enc, inbox=inbox)
+        rd.reqs = red._post(
+            [enc[j] if j != me else None for j in range(world)],
+            [inbox[j] if j != me else None for j in range(world)],
+            self.group,
+            tag=2 * r,
+        )
+        return rd
+
+    def finish_upload(self, rd: _Round) -> None:
+        red, x, world, me = self.red, self.x, self.world, self.me
+        with self._phase("wait upload"):
+            for q in rd.reqs:
+                q.wait()
+        chunk, seg = rd.chunk, rd.segs[me]
+        # Owner: fp32 sum of the decoded copies in rank order (the same on every run), then the mean.
+        with self._phase("owner decode+mean"):
+            agg = self.up.decode_mean(
+                rd.inbox, chunk, torch.empty(chunk, dtype=torch.float32, device=x.device), segments=seg
+            )
+        if red.two_sided and self.ef:
+            agg = red.server_ef.add_residual(f"{self.key}/{rd.r}", agg)
+        with self._phase("owner re-encode"):
+            mine = self.down.encode(agg, generator=self.gen, segments=seg)
+        if red.two_sided and self.ef:
+            red.server_ef.store(f"{self.key}/{rd.r}", agg, self.down.decode(mine, chunk, segments=seg))
+        outbox = torch.empty(world, mine.numel(), dtype=torch.uint8, device=x.device)
+        rd.mine, rd.outbox, rd.enc, rd.inbox = mine, outbox, None, None
+        rd.reqs = red._post(
+            [mine if j != me else None for j in range(world)],
+            [outbox[j] if j != me else None for j in range(world)],
+            self.group,
+            tag=2 * rd.r + 1,
+        )
+
+    def finish_download(self, rd: _Round) -> None:
+        x, world, me = self.x, self.world, self.me
+        with self._phase("wait download"):
+            for q in rd.reqs:
+                q.wait()
+        chunk, start, stop = rd.chunk, rd.start, rd.stop
+        full = chunk * world == stop - start
+        dst = x[start:stop] if full else torch.empty(chunk * world, dtype=torch.float32, device=x.device)
+        with self._phase("decode"):
+            for j in range(world):
+                # Every rank, the owner included, decodes the same bytes: replicas end bit-identical.
+                self.down.decode(
+                    rd.mine if j == me else rd.outbox[j],
+                    chunk,
+                    out=dst[j * chunk : (j + 1) * chunk],
+                    segments=rd.segs[j],
+                )
+        if not full:
+            x[start:stop].copy_(dst[: stop - start])
+
+
+class _Timer:
+    """Wall time of a phase of the exchange, added to ``profile`` when the reducer profiles (benchmarks)."""
+
+    def __init__(self, profile: dict[str, float] | None, name: str):
+        self.profile, self.name = profile, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter() if self.profile is not None else 0.0
+
+    def __exit__(self, *exc) -> None:
+        if self.profile is not None:
+            self.profile[self.name] = self.profile.get(self.name, 0.0) + time.perf_counter() - self.t0

@@ -215,12 +215,15 @@ class EvalStream(IterableDataset):
         image_size: int,
         batch_size: int,
         limit: int = 0,
+        on_bad_sample: str = "fail",
     ):
         super().__init__()
+        self.split = split
         self.shards = index.split(split).shards
         self.channels = index.channels
         self.rank, self.world = rank, world
         self.augment, self.image_size, self.batch_size, self.limit = augment, image_size, batch_size, limit
+        self.on_bad_sample = on_bad_sample
 
     def _mine(self) -> Iterator:
         by_shard = len(self.shards) >= self.world
@@ -237,26 +240,32 @@ class EvalStream(IterableDataset):
                 if self.limit and g >= self.limit:
                     break
                 if by_shard or g % self.world == self.rank:
-                    yield sample
+                    yield g, shard.url, sample
+
+    def _decoded(self) -> Iterator[tuple[torch.Tensor, int]]:
+        """The rank's samples decoded; an undecodable one stops with its name (``data.on_bad_sample = "fail"``)
+        or is left out of the counts (``"skip"``), as in training."""
+        for g, url, sample in self._mine():
+            try:
+                x = decode(sample.image, channels=self.channels, augment=self.augment, train=False,
+                           image_size=self.image_size, rng=None)  # fmt: skip
+            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for bytes that are no image
+                if self.on_bad_sample == "skip":
+                    continue
+                raise ShardError(
+                    f"sample {sample.key} (number {g} of the {self.split} split) of shard {url}: cannot decode its "
+                    f'image ({type(e).__name__}: {e}); replace the shard, or set data.on_bad_sample = "skip" to '
+                    "leave such samples out"
+                ) from None
+            yield x, sample.label
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        yield from _batched(
-            (
-                (
-                    decode(
-                        sample.image,
-                        channels=self.channels,
-                        augment=self.augment,
-                        train=False,
-                        image_size=self.image_size,
-                        rng=None,
-                    ),
-                    sample.label,
-                )
-                for sample in self._mine()
-            ),
-            self.batch_size,
-        )
+        yield from _batched(self._decoded(), self.batch_size)
+
+    def check(self) -> int:
+        """Decode this rank's share once, without a model: a bad sample is found before any training (the
+        number of samples it holds is returned)."""
+        return sum(1 for _ in self._decoded())
 
 
 def _own_generator() -> torch.Generator:
@@ -305,6 +314,7 @@ def make_eval_loader(
     limit: int = 0,
     workers: int = 0,
     pin_memory: bool = False,
+    on_bad_sample: str = "fail",
 ) -> DataLoader:
     ds = EvalStream(
         index,
@@ -315,6 +325,7 @@ def make_eval_loader(
         image_size=image_size,
         batch_size=batch_size,
         limit=limit,
+        on_bad_sample=on_bad_sample,
     )
     # One worker: the eval stream is not split across workers (it is small next to training).
     return DataLoader(

@@ -204,7 +204,11 @@ def open_outputs(s: Session) -> None:
         limit=cfg.data.eval_limit,
         workers=cfg.data.workers,
         pin_memory=s.pin,
+        on_bad_sample=cfg.data.on_bad_sample,
     )
+    # The monitored split decoded once before any training: a bad image there stops the run now, named, not after
+    # the first epoch's training (before its checkpoint), where every resume would meet it again.
+    s.eval_loader.dataset.check()
     if s.rank == 0:
         log.info(
             "world %d | global batch %d = %d micro x %d ranks x %d accum | %d steps/epoch | %s",
