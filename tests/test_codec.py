@@ -123,18 +123,27 @@ def test_compile_failure_warns_once_and_out_of_memory_is_not_hidden(monkeypatch)
     assert cm._compile_failed and q.dtype == torch.int8
 
 
-def test_compiled_4bit_kernels_match_eager(monkeypatch):
-    # Above COMPILE_MIN_NUMEL the kernels run through torch.compile; they must give the eager kernels' bytes.
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_compiled_kernels_match_eager_on_every_path(monkeypatch, bits):
+    """Above COMPILE_MIN_NUMEL the kernels run through torch.compile; every path must give the eager kernels'
+    bytes and values: nearest and stochastic encoding (the same generator state), decoding into a buffer and
+    accumulating into one, and the owner's mean of several uploads."""
     import dat_ds.comm.codec as cm
 
     n = cm.COMPILE_MIN_NUMEL
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, n, generator=g) * torch.rand(2, n, generator=g) ** 2
-    c = Codec(bits=4)
+    base = torch.randn(n, generator=g)
 
     def run():
-        enc = torch.stack([c.encode(x[0]), c.encode(x[1])])
-        return enc, c.decode(enc[0], n), c.decode_mean(enc, n, torch.empty(n))
+        out = []
+        for rounding in ("nearest", "stochastic"):
+            c = Codec(bits=bits, rounding=rounding)
+            gen = torch.Generator().manual_seed(7)
+            enc = torch.stack([c.encode(x[0], generator=gen), c.encode(x[1], generator=gen)])
+            out += [enc, c.decode(enc[0], n), c.decode(enc[1], n, out=base.clone(), accumulate=True),
+                    c.decode_mean(enc, n, torch.empty(n))]  # fmt: skip
+        return out
 
     monkeypatch.setenv("DAT_DS_COMPILE_CODEC", "0")
     eager = run()

@@ -137,16 +137,14 @@ def test_every_sample_exactly_once_per_epoch(layout, world, workers):
                 assert len(ids) == micro
                 got.append(ids)
         seen = np.bincount(np.concatenate(got), minlength=split.count)
-        read = split.members[seen > 0]
         assert seen.max() == 1, "no sample twice in an epoch"
-        assert len(np.unique(read[:, 0] << 40 | read[:, 1])) == steps * g, "distinct (shard, offset) pairs"
         assert split.count - seen.sum() < g, "only the remainder of one global batch is dropped"
         firsts.append(micro_batch_ids(order, 0, rank=0, world=world, micro=micro, accum=accum).tolist())
     assert firsts[0] != firsts[1], "the order changes with the epoch"
 
 
-@pytest.mark.parametrize("workers", [0, 1, 2, 3])
-@pytest.mark.parametrize("skip", [0, 5])
+# (workers, skip): every case differs from the reference (no workers, no skip) in something
+@pytest.mark.parametrize(("workers", "skip"), [(0, 5), (1, 0), (1, 5), (2, 0), (2, 5), (3, 0), (3, 5)])
 def test_resume_and_workers_leave_the_stream_unchanged(digits_dir, workers, skip):
     """A rank's batches are the same for any number of workers, and a resumed stream is the tail of the full one."""
     index = load_index(digits_dir)

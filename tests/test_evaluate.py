@@ -217,28 +217,24 @@ def test_table_gathers_runs(trained_run):
 
 
 def test_robust_accuracy_agrees_in_bf16_and_fp32(trained_run, digits_dir):
-    """The same model, cast the way training under the bf16 engine casts it, attacked with the same seeds:
-    TA and RA within noise of fp32 (paired, 360 test images)."""
+    """The same model, cast the way training under the bf16 engine casts it, attacked with the same random starts:
+    paired per example, the clean predictions agree on all but a handful of the 360 test images and so do the
+    PGD outcomes (a bf16 input layer would move the 0.05 perturbation by ~22 % and flip many)."""
     import copy
 
     from dat_ds.export import load_exported
     from dat_ds.models import to_low_precision
-    from dat_ds.robust_eval import evaluate
+    from dat_ds.robust_eval import AttackSettings, chunk_results
 
     model, _ = load_exported(trained_run / "model.safetensors", torch.device("cpu"))
     low = to_low_precision(copy.deepcopy(model), torch.bfloat16)
     index = load_index(digits_dir)
-    accs = []
-    for m in (model, low):
-        loader = make_eval_loader(
-            index, "test", rank=0, world=1, augment="none", image_size=8, batch_size=360
-        )
-        c = evaluate(m, loader, eps=0.05, steps=10, step_size=0.0125, restarts=1, device=torch.device("cpu"))
-        accs.append(c.acc())
-    (ta32, ra32), (ta16, ra16) = accs
-    assert 0.2 < ra32 < ta32, "a model with some robustness to compare"
-    se = (ra32 * (1 - ra32) / 360) ** 0.5
-    assert abs(ta16 - ta32) <= 0.02 and abs(ra16 - ra32) <= 2 * se, (accs, se)
+    ((x, y),) = list(make_eval_loader(index, "test", rank=0, world=1, augment="none", image_size=8, batch_size=360))
+    s = AttackSettings(eps=0.05, pgd_steps=10, pgd_step_size=0.0125, pgd_restarts=1, autoattack=False)
+    r32, r16 = (chunk_results(m, x.float() / 255, y, s, seed=0, device=torch.device("cpu")) for m in (model, low))
+    assert 0.2 < r32["pgd"].float().mean() < r32["clean"].float().mean(), "a model with some robustness to compare"
+    assert (r32["clean"] != r16["clean"]).sum() <= 3, "clean predictions: paired, nearly all identical"
+    assert (r32["pgd"] != r16["pgd"]).sum() <= 7, "PGD outcomes: at most 2 % of the pairs differ"
 
 
 def test_a_held_out_validation_split_is_trained_beside_and_evaluated_alone(trained_run, digits_dir, tmp_path):

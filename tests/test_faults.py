@@ -39,7 +39,7 @@ def test_a_second_writer_is_refused_and_kill9_releases_the_lock(tmp_path, digits
     assert os.path.exists(tmp_path / "r" / ".lock")
 
 
-def _corrupt_one_image(src, dst):
+def _corrupt_one_image(src, dst, number: int = 100):
     """A copy of the digits shards where one training image's bytes are garbage (same length: the tar is intact)."""
     import shutil
 
@@ -47,13 +47,13 @@ def _corrupt_one_image(src, dst):
 
     shutil.copytree(src, dst)
     table = np.load(dst / "train.members.npy")
-    shard, start, _, _ = (int(v) for v in table[100])
+    shard, start, _, _ = (int(v) for v in table[number])
     path = dst / f"train-{shard:06d}.tar"
     data = bytearray(path.read_bytes())
     payload = start + 512  # the image member's payload follows its header
     data[payload : payload + 64] = b"\xff" * 64
     path.write_bytes(bytes(data))
-    return 100
+    return number
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -81,6 +81,21 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             two_sided=case.get("two_sided", False),
         )
         engine_seam.install(engine, reducer, 0.01 if case["overlap"] else None)
+        # Independent witnesses: what reached torch.distributed's all_reduce (the hpc transport's only gradient
+        # collective), and the order in which buckets entered the transport.
+        reduced_numel, order = [0], []
+        real_all_reduce, real_reduce = dist.all_reduce, reducer.reduce_
+
+        def counting_all_reduce(*a, _n=reduced_numel, _real=real_all_reduce, **k):
+            t = a[0] if a else k["tensor"]
+            _n[0] += t.numel() if t.numel() > 1 else 0  # not the 1-value norm of the clipping
+            return _real(*a, **k)
+
+        def ordered_reduce(flat, *a, _order=order, _real=real_reduce, **k):
+            _order.append(k.get("key", "plain"))
+            return _real(flat, *a, **k)
+
+        reducer.reduce_ = ordered_reduce
         g = torch.Generator().manual_seed(1000 + rank)
         calls_off_boundary = 0
         trainable = sum(p.numel() for p in model.parameters())
@@ -92,11 +107,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 # "unused": rank 1 uses the spare layer on odd steps, rank 0 never: hooks fire on one rank only
                 use = case.get("unused", False) and rank == 1 and step % 2 == 1
                 loss = torch.nn.functional.cross_entropy(engine(x, use_spare=use), y)
-                engine.backward(loss)
-                if micro < ACCUM - 1:
-                    calls_off_boundary += reducer.stats.calls - before
-                engine.step()
+                dist.all_reduce = counting_all_reduce
+                try:
+                    engine.backward(loss)
+                    if micro < ACCUM - 1:
+                        calls_off_boundary += reducer.stats.calls - before
+                    engine.step()
+                finally:
+                    dist.all_reduce = real_all_reduce
         params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        orders = [None] * world
+        dist.all_gather_object(orders, order)  # test-only: the order each rank launched its buckets in
         replicas = [torch.empty_like(params) for _ in range(world)]
         dist.all_gather(replicas, params)
         nb = len(engine.dat_overlap.buckets) if engine.dat_overlap is not None else 1
@@ -110,6 +131,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             calls_off_boundary=calls_off_boundary,
             seconds=reducer.stats.seconds,
             exposed=reducer.stats.exposed_seconds,
+            all_reduced_per_step=reduced_numel[0] / STEPS,
+            orders=orders,
         )
         if engine.dat_overlap is not None:
             engine.dat_overlap.close()
@@ -138,9 +161,16 @@ def test_every_value_reduced_once_per_step_replicas_identical(results, name):
     assert r["identical"]
     assert r["numel_per_step"] == r["trainable"]
     assert r["calls_off_boundary"] == 0, "micro-steps before the accumulation boundary reduce nothing"
+    if "8bit" not in name:  # the fp32 all-reduce saw each trainable value once a step, counted outside dat-ds
+        assert r["all_reduced_per_step"] == r["trainable"]
+    assert r["orders"][0] == r["orders"][1], "every rank issues the same transfers in the same order"
     if name.startswith("overlap"):
         assert r["buckets"] > 2 and r["calls_per_step"] == r["buckets"]
-        assert 0 < r["exposed"]
+        per_step = [int(k.split(":")[0].removeprefix("overlap")) for k in r["orders"][0]]
+        assert per_step == list(range(r["buckets"])) * STEPS, (
+            "buckets launch in index order, each once a step"
+        )
+        assert 0 < r["exposed"] <= r["seconds"], "the exposed part of communication never exceeds the whole"
     else:
         assert r["calls_per_step"] == 1 and r["exposed"] == pytest.approx(r["seconds"])
 

@@ -17,8 +17,9 @@ The order is kept, and nothing is reduced twice:
   * The engine's ``allreduce_gradients`` is replaced by ``finish``. At the boundary, ``finish`` launches the
     buckets whose hooks never fired, with zeros for a gradient that is None, as DeepSpeed does. It then waits
     for all buckets, so the engine's clipping and step see reduced gradients, each reduced exactly once.
-  * The time ``finish`` waits is the *exposed* communication: ``CommStats.exposed_seconds``. The
-    communication thread's time inside ``reduce_`` is the total: ``CommStats.seconds``.
+  * The time ``finish`` waits, capped at the step's communication time, is the *exposed* communication:
+    ``CommStats.exposed_seconds``, never more than the total, the communication thread's time inside ``reduce_``:
+    ``CommStats.seconds``.
 
 The gradients reduced are the ones DeepSpeed itself reduces at ZeRO-0: ``param.grad``, in the parameters' dtype
 (fp32, or bf16 under zero0_bf16.json's ``FP16_Optimizer``; ``reduce_`` works in fp32 either way). An optimizer
@@ -78,6 +79,7 @@ class OverlappedReducer:
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
         self._active = False  # inside a boundary backward, buckets launched or pending
         self._next = 0  # the next bucket index to launch
+        self._seconds_at_begin = 0.0  # reducer.stats.seconds when this step's buckets began
         self._ready: set[int] = set()
         self._queue: queue.Queue = queue.Queue()
         self._done = threading.Semaphore(0)
@@ -112,6 +114,7 @@ class OverlappedReducer:
 
     def _begin(self) -> None:
         self._active = True
+        self._seconds_at_begin = self.reducer.stats.seconds
         self._next, self._launched = 0, 0
         self._ready.clear()
         for b in self.buckets:
@@ -148,7 +151,10 @@ class OverlappedReducer:
         self._active = False
         if self._stream is not None:
             torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
-        self.reducer.stats.exposed_seconds += time.perf_counter() - t0
+        # Exposed: the part of this step's communication the step waited for; the wait may also cover the comm
+        # thread's flatten and write-back, so it is capped at the step's communication time, by definition.
+        waited = time.perf_counter() - t0
+        self.reducer.stats.exposed_seconds += min(waited, self.reducer.stats.seconds - self._seconds_at_begin)
         if self._error is not None:
             err, self._error = self._error, None
             raise RuntimeError(f"overlapped gradient reduction failed: {err}") from err
