@@ -229,10 +229,16 @@ def test_robust_accuracy_agrees_in_bf16_and_fp32(trained_run, digits_dir):
     model, _ = load_exported(trained_run / "model.safetensors", torch.device("cpu"))
     low = to_low_precision(copy.deepcopy(model), torch.bfloat16)
     index = load_index(digits_dir)
-    ((x, y),) = list(make_eval_loader(index, "test", rank=0, world=1, augment="none", image_size=8, batch_size=360))
+    ((x, y),) = list(
+        make_eval_loader(index, "test", rank=0, world=1, augment="none", image_size=8, batch_size=360)
+    )
     s = AttackSettings(eps=0.05, pgd_steps=10, pgd_step_size=0.0125, pgd_restarts=1, autoattack=False)
-    r32, r16 = (chunk_results(m, x.float() / 255, y, s, seed=0, device=torch.device("cpu")) for m in (model, low))
-    assert 0.2 < r32["pgd"].float().mean() < r32["clean"].float().mean(), "a model with some robustness to compare"
+    r32, r16 = (
+        chunk_results(m, x.float() / 255, y, s, seed=0, device=torch.device("cpu")) for m in (model, low)
+    )
+    assert 0.2 < r32["pgd"].float().mean() < r32["clean"].float().mean(), (
+        "a model with some robustness to compare"
+    )
     assert (r32["clean"] != r16["clean"]).sum() <= 3, "clean predictions: paired, nearly all identical"
     assert (r32["pgd"] != r16["pgd"]).sum() <= 7, "PGD outcomes: at most 2 % of the pairs differ"
 
