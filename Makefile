@@ -12,7 +12,7 @@ NPROC ?= 2
 # check is left to `python -m dat_ds.evaluate` runs, it would double the demo's evaluation time.
 DEMO_EVAL ?= --chunk 180 --no-square-check --eps-sweep 0.1,0.3
 
-.PHONY: setup demo test test-fast test-cluster lint bench clean study-semisup study-smoothing cifar10
+.PHONY: setup demo test test-fast test-cluster gpu-check lint bench clean study-semisup study-smoothing cifar10
 
 setup: $(STAMP)
 
@@ -89,6 +89,12 @@ test-fast: setup
 	$(PY) -m pytest -q -ra -m "not launcher" tests
 
 # Two simulated hosts (network namespaces) through the launcher's multi-node path; needs root, skips elsewhere.
+# The GPU paths (tests/test_gpu.py: bf16, NCCL transports, overlap on a CUDA stream, compiled codec, evaluation and
+# certification against the CPU, a 2-epoch run), PASS/FAIL per check; on a machine without CUDA it says so and
+# exits 0. Not yet run on a GPU.
+gpu-check: setup
+	$(PY) -m tests.gpu_check
+
 test-cluster: setup data/digits/index.json
 	$(PY) -m pytest -q -ra tests/test_cluster.py
 

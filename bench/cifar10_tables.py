@@ -35,10 +35,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.runs import BIN, REPO, Stages, ds_cmd
+from bench.runs import BIN, REPO, Stages, ds_cmd, pct, row_summary
+from bench.runs import Row as _Row
+from dat_ds.data.shards import has_index
 from dat_ds.run_folder import CERTIFY_JSON, CERTIFY_TSV, RunFolder
 
 RECIPE = REPO / "recipes" / "cifar10_cpu_tables.toml"
@@ -54,21 +55,8 @@ LALR = ['optim.name="lalr"', "optim.lr=0.01", 'optim.lr_scale="none"', "optim.bi
 FGSM = ['attack.method="fgsm"', 'attack.bn_mode="train"', "loss.clean_weight=0.0"]
 
 
-@dataclass
-class Row:
-    key: str
-    label: str
-    ranks: int
-    batch: int
-    overrides: list[str] = field(default_factory=list)
-    seed: int = 0
-    tables: tuple[int, ...] = (1,)
-    source: str = "official"
-    autoattack: bool = True
-
-    @property
-    def micro(self) -> int:
-        return min(self.batch // self.ranks, 256)
+def Row(*args, **kwargs) -> _Row:  # noqa: N802 (a Row with the micro-batch capped where 2 cores' memory ends)
+    return _Row(*args, max_micro=256, **kwargs)
 
 
 def rows() -> list[Row]:
@@ -174,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     study = Stages(a.out)
     if not a.report_only:
-        if not (DATA / "cifar10_val/index.json").is_file():
+        if not has_index(DATA / "cifar10_val"):
             raise SystemExit("data/cifar10_val is missing: run make cifar10 first")
         for t in a.tables.split(","):
             {"1": table1, "4": table1, "2": table2, "3": table3}[t.strip()](a, study, int(t))
@@ -234,14 +222,14 @@ def table2(a, study: Stages, t: int) -> None:
 
 def table3(a, study: Stages, t: int) -> None:
     py = str(BIN / "python")
-    study.run("semi_split", (DATA / "cifar10_u/index.json").is_file(),
+    study.run("semi_split", has_index(DATA / "cifar10_u"),
               [py, "-m", "data_prep.unlabeled", "split", str(DATA / "cifar10_val"), str(DATA / "cifar10_l400"),
                str(DATA / "cifar10_u"), "--per-class", "400", "--seed", "0"])  # fmt: skip
     labeller = ['attack.method="none"', f'data.shards="{DATA / "cifar10_l400"}"', *SGD_UNSCALED, "train.epochs=30",
                 "optim.milestones=[22.5, 27.75]", "optim.warmup_epochs=1", f"train.global_batch_size={B}",
                 f"train.micro_batch_size={B // 2}"]  # fmt: skip
     _train(a, study, "semi_labeller", labeller, 2, 28902)
-    study.run("semi_pseudo_label", (DATA / "cifar10_pseudo/index.json").is_file(),
+    study.run("semi_pseudo_label", has_index(DATA / "cifar10_pseudo"),
               ds_cmd("dat_ds.pseudo_label", str(a.out / "semi_labeller"), str(DATA / "cifar10_u"),
                      str(DATA / "cifar10_pseudo"), port=28904))  # fmt: skip
     port = 28910
@@ -264,17 +252,6 @@ def table3(a, study: Stages, t: int) -> None:
 # ------------------------------------------------------------------------------------------------- report
 
 
-def _pct(vals: list, digits: int = 2) -> str:
-    n = len(vals)
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "–"
-    if len(vals) == 1:
-        return f"{100 * vals[0]:.{digits}f}" + (f" (1 of {n} seeds so far)" if n > 1 else "")
-    mean = sum(vals) / len(vals)
-    return f"{100 * mean:.{digits}f} ({' / '.join(f'{100 * v:.{digits}f}' for v in vals)})"
-
-
 PAIRS = [
     ("pgd_8b_sgd_s{seed}", "at_b_s{seed}", "the large-batch loss: DAT-PGD 8B, SGD unscaled − AT at B"),
     ("pgd_8b_sgdx8_s{seed}", "at_b_s{seed}", "the large-batch loss with linear scaling: SGD × 8 − AT at B"),
@@ -285,21 +262,8 @@ PAIRS = [
 
 
 def _summaries(a, keys: list[str], times: dict) -> dict:
-    from dat_ds.report import summarize
-
-    out = {}
-    for key in keys:
-        run = a.out / key
-        if RunFolder(run).eval_file().is_file():
-            s = summarize(run)
-            recs = RunFolder(run).read_metrics()
-            s["theory"] = recs[-1]["data_mb_per_iter_theory"]
-            s["steps"] = recs[-1]["steps"]
-            s["train_s"] = times.get(f"train_{key}", float("nan"))
-            s["eval_s"] = times.get(f"eval_{key}", float("nan"))
-            s["aa_s"] = times.get(f"autoattack_{key}", float("nan"))
-            out[key] = s
-    return out
+    out = {key: row_summary(a.out / key, key, times) for key in keys}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def write_report(a, times: dict) -> None:
@@ -321,10 +285,10 @@ def write_report(a, times: dict) -> None:
             vals = [x[k] for x in ss if x[k] == x[k]]
             return sum(vals) / len(vals) if vals else float("nan")
 
-        t1.append(f"| {label} | {row.source} | 1×{row.ranks} | {row.batch} | {s['steps']} | {_pct([x['TA'] for x in ss])} | "
-                  f"{_pct([x['RA'] for x in ss])} | {_pct([x['AA'] for x in ss if x['AA'] is not None] or [None])} | "
+        t1.append(f"| {label} | {row.source} | 1×{row.ranks} | {row.batch} | {s['steps']} | {pct([x['TA'] for x in ss])} | "
+                  f"{pct([x['RA'] for x in ss])} | {pct([x['AA'] for x in ss if x['AA'] is not None] or [None])} | "
                   f"{mean('C'):.1f} | {mean('T'):.0f} | {len(ss)} | {mean('train_s'):.0f} | {mean('eval_s'):.0f} | "
-                  f"{mean('aa_s'):.0f} |")  # fmt: skip
+                  f"{mean('autoattack_s'):.0f} |")  # fmt: skip
     paired = [
         "| comparison | seeds | ΔTA per seed | ΔRA per seed (points) | mean ΔRA | spread of ΔRA |",
         "|---|---|---|---|---|---|",
@@ -351,7 +315,7 @@ def write_report(a, times: dict) -> None:
                 else row.label.split(", ")[-1]
             )
             quant = "—" if "32" in name else ("paper's (qsgd)" if "qsgd" in name else "dat-ds (block)")
-            t4.append(f"| {name} | {quant} | {_pct([s['TA']])} | {_pct([s['RA']])} | {s['C']:.1f} | {s['T']:.0f} | "
+            t4.append(f"| {name} | {quant} | {pct([s['TA']])} | {pct([s['RA']])} | {s['C']:.1f} | {s['T']:.0f} | "
                       f"{s['MB/iter']:.3f} | {s['theory']:.3f} |")  # fmt: skip
     t2 = _table2(a)
     t3 = ["| training data | steps | TA % | RA % (PGD-50×5) | train (s) |", "|---|---|---|---|---|"]
@@ -359,7 +323,7 @@ def write_report(a, times: dict) -> None:
         if key in done:
             s = done[key]
             t3.append(
-                f"| {label} | {s['steps']} | {_pct([s['TA']])} | {_pct([s['RA']])} | {s['train_s']:.0f} |"
+                f"| {label} | {s['steps']} | {pct([s['TA']])} | {pct([s['RA']])} | {s['train_s']:.0f} |"
             )
     stage_times = "\n".join(f"| {k} | {v:.0f} |" for k, v in times.items())
     text = f"""# The paper's claims on CIFAR-10 photographs (2 CPU ranks, this 2-core machine)

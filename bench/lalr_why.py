@@ -32,6 +32,7 @@ from pathlib import Path
 
 from bench.paper_tables import LALR, SGD, B
 from bench.runs import BIN, REPO, Stages, ds_cmd
+from dat_ds.data.shards import has_index
 from dat_ds.run_folder import RunFolder
 
 DATA = REPO / "data" / "mnist_val5k"
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     study = Stages(a.out)
     if not a.report_only:
-        if not (DATA / "index.json").is_file():
+        if not has_index(DATA):
             study.run(
                 "data_holdout",
                 False,

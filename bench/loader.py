@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from dat_ds.data.loader import StreamSpec, make_train_loader
-from dat_ds.data.shards import load_index
+from dat_ds.data.shards import has_index, load_index
 from data_prep.imagenet import convert
 
 N = 2000
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     for size in (64, 224):
         tree = make_jpegs(a.cache, size)
         shards = a.cache / f"shards{size}"
-        if not (shards / "index.json").exists():
+        if not has_index(shards):
             convert(tree, shards, shard_mb=8 if size == 224 else 1, val_labels=None, name=f"bench{size}")
         index = load_index(shards)
         tf = transforms.Compose(

@@ -29,10 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.runs import BIN, REPO, Stages, ds_cmd
+from bench.runs import BIN, REPO, Row, Stages, ds_cmd, pct, row_summary
+from dat_ds.data.shards import has_index
 from dat_ds.run_folder import RunFolder
 
 B = 64
@@ -56,22 +56,6 @@ LALR_DSBEST = [
     "optim.bias_correction=true",
     "optim.wd_on_norm_and_bias=false",
 ]
-
-
-@dataclass
-class Row:
-    key: str
-    label: str
-    ranks: int
-    batch: int
-    overrides: list[str] = field(default_factory=list)
-    seed: int = 0
-    tables: tuple[int, ...] = (1,)
-    source: str = "official"  # "official": the official code's setting; "dat-ds": a dat-ds option
-
-    @property
-    def micro(self) -> int:
-        return self.batch // self.ranks
 
 
 def rows() -> list[Row]:
@@ -132,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     study = Stages(a.out)
     if not a.report_only:
-        if not (REPO / "data/mnist/index.json").is_file():
+        if not has_index(REPO / "data/mnist"):
             study.run(
                 "data_mnist", False, [str(BIN / "python"), "-m", "data_prep.mnist", str(REPO / "data/mnist")]
             )
@@ -186,35 +170,17 @@ PAIRS = [
 ]
 
 
-def _pct(vals: list, digits: int = 2) -> str:
-    n = len(vals)
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "–"
-    if len(vals) == 1:
-        return f"{100 * vals[0]:.{digits}f}" + (f" (1 of {n} seeds so far)" if n > 1 else "")
-    mean = sum(vals) / len(vals)
-    return f"{100 * mean:.{digits}f} ({' / '.join(f'{100 * v:.{digits}f}' for v in vals)})"
-
-
 def _secs(vals: list) -> str:
     vals = [v for v in vals if v == v]  # drop NaN: stages not run yet
     return f"{sum(vals) / len(vals):.0f}" if vals else "–"
 
 
 def write_report(a, times: dict) -> None:
-    from dat_ds.report import summarize
-
     done = {}
     for row in rows():
-        run = a.out / row.key
-        if RunFolder(run).eval_file().is_file():
-            s = summarize(run)
-            recs = RunFolder(run).read_metrics()
-            s["theory"] = recs[-1]["data_mb_per_iter_theory"]
-            s["steps"] = recs[-1]["steps"]
-            s["row_s"] = times.get(f"train_{row.key}", float("nan")) + times.get(f"eval_{row.key}", 0.0)
-            s["aa_s"] = times.get(f"autoattack_{row.key}", float("nan"))
+        s = row_summary(a.out / row.key, row.key, times)
+        if s is not None:
+            s["row_s"] = s["train_s"] + (s["eval_s"] if s["eval_s"] == s["eval_s"] else 0.0)
             done[row.key] = (row, s)
     groups: dict[tuple[int, str], list] = {}
     for row, s in done.values():
@@ -233,9 +199,9 @@ def write_report(a, times: dict) -> None:
 
         if t == 1:
             t1.append(
-                f"| {row.label} | {row.source} | 1×{row.ranks} | {row.batch} | {s['steps']} | {_pct([x['TA'] for x in ss])} | "
-                f"{_pct([x['RA'] for x in ss])} | {_pct([x['AA'] for x in ss])} | {mean('C'):.2f} | {mean('T'):.1f} | "
-                f"{len(ss)} | {mean('row_s'):.0f} | {_secs([x['aa_s'] for x in ss])} |"
+                f"| {row.label} | {row.source} | 1×{row.ranks} | {row.batch} | {s['steps']} | {pct([x['TA'] for x in ss])} | "
+                f"{pct([x['RA'] for x in ss])} | {pct([x['AA'] for x in ss])} | {mean('C'):.2f} | {mean('T'):.1f} | "
+                f"{len(ss)} | {mean('row_s'):.0f} | {_secs([x['autoattack_s'] for x in ss])} |"
             )
         else:
             name = (
@@ -243,7 +209,7 @@ def write_report(a, times: dict) -> None:
             )
             mb = s["MB/iter"]
             t4.append(
-                f"| {name} | {_pct([s['TA']])} | {_pct([s['RA']])} | {s['C']:.2f} | {s['T']:.1f} | "
+                f"| {name} | {pct([s['TA']])} | {pct([s['RA']])} | {s['C']:.2f} | {s['T']:.1f} | "
                 f"{mb:.4f} | {s['theory']:.4f} | {mb / s['theory']:.3f} |"
             )
     paired = ["| comparison | seeds | ΔRA per seed (points) | ΔAA per seed (points) | mean ΔRA | mean ΔAA |",

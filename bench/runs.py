@@ -7,12 +7,35 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dat_ds.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Row:
+    """One training run of a paper-table study: its recipe overrides, world size, global batch, seed, the tables it
+    appears in and whether its settings are the official code's or a dat-ds option."""
+
+    key: str
+    label: str
+    ranks: int
+    batch: int
+    overrides: list[str] = field(default_factory=list)
+    seed: int = 0
+    tables: tuple[int, ...] = (1,)
+    source: str = "official"  # "official": the official code's setting; "dat-ds": a dat-ds option
+    autoattack: bool = True
+    max_micro: int = 0  # a cap on the micro-batch per rank (0: none); the rest by gradient accumulation
+
+    @property
+    def micro(self) -> int:
+        micro = self.batch // self.ranks
+        return min(micro, self.max_micro) if self.max_micro else micro
 
 
 def launch(recipe: str, name: str, out_dir: Path, overrides: list[str], nproc: int = 2) -> list[dict]:
@@ -84,3 +107,32 @@ def ds_cmd(module: str, *args: str, port: int, nproc: int = 2) -> list[str]:
         module,
         *args,
     ]
+
+
+def pct(vals: list, digits: int = 2) -> str:
+    """Percentages of one cell over seeds: the mean and each seed's value; ``None`` is a seed not run yet."""
+    n = len(vals)
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{100 * vals[0]:.{digits}f}" + (f" (1 of {n} seeds so far)" if n > 1 else "")
+    mean = sum(vals) / len(vals)
+    return f"{100 * mean:.{digits}f} ({' / '.join(f'{100 * v:.{digits}f}' for v in vals)})"
+
+
+def row_summary(run: Path, key: str, times: dict) -> dict | None:
+    """A finished, evaluated run's figures (``dat_ds.report.summarize``) with its step count, the theory's MB per
+    iteration and the wall time of its stages; ``None`` while it has no evaluation."""
+    from dat_ds.report import summarize
+
+    folder = RunFolder(run)
+    if not folder.eval_file().is_file():
+        return None
+    s = summarize(run)
+    last = folder.read_metrics()[-1]
+    s["theory"] = last["data_mb_per_iter_theory"]
+    s["steps"] = last["steps"]
+    for stage in ("train", "eval", "autoattack"):
+        s[f"{stage}_s"] = times.get(f"{stage}_{key}", float("nan"))
+    return s

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from bench.runs import BIN, REPO, Stages, ds_cmd
-from dat_ds.run_folder import RunFolder
+from dat_ds.data.shards import has_index
+from dat_ds.run_folder import PSEUDO_LABEL_JSON, RunFolder
 
 REFERENCE = "mnist_all_dat_pgd"
 RUNS = [
@@ -53,12 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     data = REPO / "data"
     stage(
         "data_mnist",
-        (data / "mnist/index.json").is_file(),
+        has_index(data / "mnist"),
         [py, "-m", "data_prep.mnist", str(data / "mnist")],
     )
     stage(
         "data_split",
-        (data / "mnist_u/index.json").is_file(),
+        has_index(data / "mnist_u"),
         [py, "-m", "data_prep.unlabeled", "split", str(data / "mnist"), str(data / "mnist_l100"),
          str(data / "mnist_u"), "--per-class", "100", "--seed", "0"],
     )  # fmt: skip
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     stage(
         "pseudo_label",
-        (data / "mnist_pseudo/index.json").is_file(),
+        has_index(data / "mnist_pseudo"),
         ds_cmd(
             "dat_ds.pseudo_label", str(std), str(data / "mnist_u"), str(data / "mnist_pseudo"), port=29802
         ),
@@ -114,7 +115,7 @@ def write_report(out: Path, docs: Path, times: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pl = json.loads((REPO / "data/mnist_pseudo/pseudo_label.json").read_text())
+    pl = json.loads((REPO / "data/mnist_pseudo" / PSEUDO_LABEL_JSON).read_text())
     rows = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, label in RUNS:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from bench.runs import BIN, REPO, Stages, ds_cmd
+from dat_ds.data.shards import has_index
 from dat_ds.run_folder import CERTIFY_JSON, RunFolder
 
 RUNS = [(sigma, n) for sigma in (0.12, 0.25) for n in (2, 20)]
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--subset", type=int, default=500)
     a = p.parse_args(argv)
     study = Stages(a.out)
-    if not (REPO / "data/mnist/index.json").is_file():
+    if not has_index(REPO / "data/mnist"):
         study.run(
             "data_mnist", False, [str(BIN / "python"), "-m", "data_prep.mnist", str(REPO / "data/mnist")]
         )
@@ -71,7 +72,7 @@ def write_report(a, times: dict) -> None:
     for sigma, n in RUNS:
         run = a.out / run_name(sigma, n)
         rows += certified_rows(run)
-        tsv = next(run.glob("certify/*/certify.tsv")).read_text().splitlines()[1:]
+        tsv = RunFolder(run).certify_tables()[0].read_text().splitlines()[1:]
         radius = np.array([float(r.split("\t")[3]) for r in tsv])
         correct = np.array([int(r.split("\t")[4]) for r in tsv])
         curves[f"σ = {sigma:g}, N = {n}"] = (radius, correct)

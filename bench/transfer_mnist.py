@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench.runs import BIN, REPO, Stages, ds_cmd
+from dat_ds.data.shards import has_index
 from dat_ds.run_folder import RunFolder
 
 PRETRAINS = ("mnist_pretrain_dat_pgd", "mnist_pretrain_standard")
@@ -47,11 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-autoattack", action="store_true", help="PGD only (AutoAttack is most of the time)")
     a = p.parse_args(argv)
     study = Stages(a.out)
-    if not (REPO / "data/mnist/index.json").is_file():
+    if not has_index(REPO / "data/mnist"):
         study.run(
             "data_mnist", False, [str(BIN / "python"), "-m", "data_prep.mnist", str(REPO / "data/mnist")]
         )
-    if not (REPO / "data/digits/index.json").is_file():
+    if not has_index(REPO / "data/digits"):
         study.run(
             "data_digits", False, [str(BIN / "python"), "-m", "data_prep.digits", str(REPO / "data/digits")]
         )

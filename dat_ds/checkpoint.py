@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import random
 import shutil
@@ -29,16 +28,14 @@ from .run_folder import (
     LATEST,
     MARKER,
     RANK_FILE,
+    atomic_path,
     atomic_write,
     checkpoint_recipe,
+    fsync_path,
     read_checkpoint_recipe,
 )
 
 log = logging.getLogger("dat_ds")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text)
 
 
 class UnsafeCheckpointError(SystemExit):
@@ -89,14 +86,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tree_bytes(folder: Path) -> int:
@@ -191,19 +180,15 @@ class Checkpointer:
             )
         engine.save_checkpoint(str(self.dir), tag=tag, client_state={"dat": client_state}, save_latest=False)
         path = self.dir / tag / RANK_FILE.format(self.rank)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(rank_state, tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(rank_state, tmp)
         dist.barrier()  # every rank's files are on disk
         if self.rank == 0:
             for f in (self.dir / tag).iterdir():  # DeepSpeed's files too: on disk before the marker says so
                 if f.is_file():
-                    _fsync(f)
-            _fsync(self.dir / tag)
-            _atomic_write_text(
-                checkpoint_recipe(self.dir / tag), json.dumps(client_state["config"], indent=1)
-            )
+                    fsync_path(f)
+            fsync_path(self.dir / tag)
+            atomic_write(checkpoint_recipe(self.dir / tag), json.dumps(client_state["config"], indent=1))
             meta = {
                 "global_step": client_state["global_step"],
                 "epoch": client_state["epoch"],
@@ -216,10 +201,10 @@ class Checkpointer:
                     if f.is_file() and f.name != MARKER
                 },
             }
-            _atomic_write_text(self.dir / tag / MARKER, json.dumps(meta))
-            _fsync(self.dir / tag)
-            _atomic_write_text(self.dir / LATEST, tag)
-            _fsync(self.dir)
+            atomic_write(self.dir / tag / MARKER, json.dumps(meta))
+            fsync_path(self.dir / tag)
+            atomic_write(self.dir / LATEST, tag)
+            fsync_path(self.dir)
             self._prune(tag)
         dist.barrier()
 

@@ -10,11 +10,15 @@ error type a user can cause. Flags that mean the same thing have the same name a
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from .data.shards import INDEX_NAME
+from .run_folder import MODEL
 
 
 class UsageError(ValueError):
@@ -37,7 +41,7 @@ def command(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     from .data.shards import ShardError
 
     try:
-        return main(argv)
+        return main(argv) or 0
     except (UsageError, ConfigError, ShardError) as e:
         return fail(str(e))
     except SystemExit as e:  # a message raised as SystemExit("...") by a lower floor
@@ -45,6 +49,14 @@ def command(main: Callable[[list[str] | None], int], argv: list[str] | None = No
             msg = e.code.removeprefix("dat-ds: error: ")
             return fail(msg)
         raise
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        return fail(
+            f"no space left writing {e.filename or 'a result file'} ({os.strerror(e.errno)}): free space or point "
+            "the output elsewhere, then run the same command again; what was finished and verified is kept and "
+            "not computed again"
+        )
 
 
 def number(
@@ -71,6 +83,15 @@ def number(
     return value
 
 
+def existing(path: Path, what: str, kind: str = "folder", fix: str = "") -> Path:
+    """``path`` if it is an existing folder (or file, ``kind="file"``), else a UsageError naming it."""
+    ok = path.is_dir() if kind == "folder" else path.is_file()
+    if not ok:
+        state = "does not exist" if not path.exists() else f"is not a {kind}"
+        raise UsageError(f"{what} {path} {state}" + (f": {fix}" if fix else ""))
+    return path
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -80,9 +101,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", type=Path, default=None, help="a safetensors export (default: RUN/model.safetensors)"
-    )
+    p.add_argument("--model", type=Path, default=None, help=f"a safetensors export (default: RUN/{MODEL})")
 
 
 def add_examples(p: argparse.ArgumentParser, what: str, chunk: int, batch: int, batch_help: str = "") -> None:
@@ -121,5 +140,7 @@ def check_examples(a: argparse.Namespace) -> None:
     number("--subset", a.subset, lo=0, fix="0 takes every example")
     number("--chunk", a.chunk, lo=1)
     number("--batch", a.batch, lo=0, fix="0 takes a whole chunk at once")
-    if a.shards is not None and not (a.shards / "index.json").is_file():
-        raise UsageError(f"--shards {a.shards} has no index.json: point it at a folder written by data_prep/")
+    if a.shards is not None and not (a.shards / INDEX_NAME).is_file():
+        raise UsageError(
+            f"--shards {a.shards} has no {INDEX_NAME}: point it at a folder written by data_prep/"
+        )

@@ -8,7 +8,6 @@ normalized model without the recipe.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 from .config import ModelConfig, RunConfig
 from .data.shards import ShardIndex
 from .models import NormalizedModel, build_model
+from .run_folder import atomic_path
 
 
 def export_safetensors(model: NormalizedModel, cfg: RunConfig, index: ShardIndex, path: Path) -> Path:
@@ -39,26 +39,38 @@ def export_safetensors(model: NormalizedModel, cfg: RunConfig, index: ShardIndex
         "std": json.dumps(model.std.flatten().tolist()),  # pretrained model's), not necessarily data.shards'
         "config": json.dumps(cfg.to_dict()),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, str]]:
     """Rebuild the normalized model from an exported file (no pickle involved)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    model = build_model(
-        ModelConfig(name=meta["model"]),
-        int(meta["num_classes"]),
-        int(meta["in_chans"]),
-        json.loads(meta["mean"]),
-        json.loads(meta["std"]),
-    )
-    model.net.load_state_dict(load_file(str(path), device=str(device)))
+    fix = "export it again from its run's newest checkpoint, or copy it again"
+    if not Path(path).is_file():
+        raise SystemExit(
+            f"{path} does not exist: evaluate a finished run (it writes model.safetensors) or pass --model"
+        )
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        missing = [k for k in ("model", "num_classes", "in_chans", "mean", "std") if k not in meta]
+        if missing:
+            raise SystemExit(f"{path} is not a dat-ds export (its metadata lacks {missing}); {fix}")
+        model = build_model(
+            ModelConfig(name=meta["model"]),
+            int(meta["num_classes"]),
+            int(meta["in_chans"]),
+            json.loads(meta["mean"]),
+            json.loads(meta["std"]),
+        )
+        model.net.load_state_dict(load_file(str(path), device=str(device)))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # truncated, overwritten, wrong tensors
+        raise SystemExit(
+            f"{path} cannot be loaded ({type(e).__name__}: {str(e)[:200]}): it is damaged; {fix}"
+        ) from None
     return model.to(device).eval(), meta
 
 

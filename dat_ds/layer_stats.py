@@ -12,11 +12,12 @@ the checkpoint it resumes from, so each step appears once.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .run_folder import atomic_write
 
 
 class LayerStats:
@@ -27,9 +28,7 @@ class LayerStats:
         self._lr = 0.0
         if path.is_file():  # a resumed run: keep the lines up to its checkpoint (a torn last line goes too)
             keep = [rec for rec in _records(path) if rec["step"] <= resume_step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
-            os.replace(tmp, path)
+            atomic_write(path, "".join(json.dumps(rec) + "\n" for rec in keep))
 
     def before_step(self, step: int, lr: float) -> None:
         """Call before optimizer step number ``step`` (counted from 1) with the LR that step uses; keeps a copy of

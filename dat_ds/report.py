@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from .cli import command
 from .run_folder import CERTIFY_JSON, METRICS, RunFolder
 
 
@@ -127,9 +129,16 @@ def certified_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command (exit 2 and a one-line message on a user error)."""
+    return command(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument(
+        "runs", nargs="+", type=Path, help="run folders (each with eval.json, or certify/ for --certified)"
+    )
     p.add_argument("--out", type=Path, help="also write the table to this markdown file")
     p.add_argument("--certified", action="store_true", help="Table 2: certified accuracy per l2 radius")
     a = p.parse_args(argv)
@@ -143,4 +152,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .attacks import pgd
+from .data.shards import TEST_FILES
 
 
 @dataclass
@@ -221,10 +222,10 @@ def select_indices(
 
 
 def _indices_of_files(names: list[str], indices_file: Path, shards: Path | None) -> list[int]:
-    listing = shards / "test.files.txt" if shards is not None else None
+    listing = shards / TEST_FILES if shards is not None else None
     if listing is None or not listing.is_file():
         raise SystemExit(
-            f"--indices {indices_file} names files, but the shard set has no test.files.txt to find them in; "
+            f"--indices {indices_file} names files, but the shard set has no {TEST_FILES} to find them in; "
             "re-run data_prep.imagenet on the tree (it skips complete shards), or pass integer indices"
         )
     where = {Path(line).name: i for i, line in enumerate(listing.read_text().split())}

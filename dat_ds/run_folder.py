@@ -1,7 +1,7 @@
 """The run folder: the one module that knows its layout. Every command reads and writes a run through here.
 
     runs/<name>/
-      recipe.json            the resolved recipe (runs before 4 December 2026: config.json, still read)
+      recipe.json            the resolved recipe (older runs: config.json, still read)
       config.json            the model's timm-style config (architecture, classes, input size and statistics)
       model.safetensors      the exported weights (timm's state dict; metadata: model, classes, mean/std, recipe)
       metrics.jsonl          one JSON object per epoch (and the per-step log, steps.jsonl, when asked for)
@@ -21,8 +21,10 @@ crash must never leave torn.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +55,6 @@ CERTIFY_TSV = "certify.tsv"
 CERTIFY_JSON = "certify.json"
 CERTIFY_PLOT = "certified_accuracy.png"
 PSEUDO_LABEL_JSON = "pseudo_label.json"
-# shard sets (data_prep writes them; evaluation reads the file list)
-SHARD_INDEX = "index.json"
-TEST_FILES = "test.files.txt"
 
 
 # ------------------------------------------------------------------------------------------ atomic writes
@@ -74,17 +73,38 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a torn one."""
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a folder (a file written by a library, e.g. DeepSpeed's checkpoint files)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """The one atomic write. Yields a temporary path beside ``path`` for the caller (or a library: ``torch.save``,
+    safetensors, ``np.save``) to write; on a clean exit the file is fsynced, renamed over ``path`` and the folder
+    fsynced, so a crash leaves the old file or the new one, never a torn one. On an exception the temporary file
+    goes and ``path`` is untouched."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
-    return path
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text or bytes) to ``path`` through ``atomic_path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> Path:
@@ -184,6 +204,10 @@ class RunFolder:
 
     def certify_dir(self, tag: str = "") -> Path:
         return self.path / CERTIFY / tag if tag else self.path / CERTIFY
+
+    def certify_tables(self) -> list[Path]:
+        """Every certification's ``certify.tsv``, one per settings folder, sorted."""
+        return sorted(self.certify_dir().glob(f"*/{CERTIFY_TSV}"))
 
     def plot(self, name: str) -> Path:
         return self.path / name

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .progress import Progress
 from .run_folder import SETTINGS, atomic_write, atomic_write_json
 from .run_lock import FolderBusy, RunLock
 
@@ -88,6 +89,7 @@ class Stage:
         self._t0 = time.perf_counter()
         self._done = 0
         self._bar = None
+        self._todo_rank0: list[int] = list(self.mine)  # start() narrows it to the chunks not found done
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             try:
@@ -153,10 +155,7 @@ class Stage:
         if self.rank != 0:
             return
         if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=len(self._todo_rank0), desc=f"{self.what} (rank 0's chunks)", unit="chunk",
-                             mininterval=10, disable=None, ascii=True)  # fmt: skip
+            self._bar = Progress(len(self._todo_rank0), f"{self.what} (rank 0's chunks)", "chunk", rank=0)
         self._bar.update(1)
 
     def start(self) -> list[int]:

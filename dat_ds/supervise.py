@@ -27,10 +27,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REFUSED = 2  # dat_ds.train's exit code when it refuses to run: restarting would not help
+# A rank that refuses also writes why to this file (set by the supervisor for each attempt): the launcher reports
+# only the first rank to exit, which may be a peer that lost its connection to the refusing rank (exit 1).
+REFUSAL_FILE_ENV = "DAT_DS_REFUSAL_FILE"
 PORT_FLAGS = ("--master_port", "--master-port")
 
 
@@ -107,9 +111,15 @@ def supervise(cmd: list[str], max_restarts: int, delay: float) -> int:
         t0 = time.monotonic()
         print(f"dat-ds supervise: attempt {attempt + 1}: {' '.join(cmd)}", file=sys.stderr, flush=True)
         # Its own process group, so that the whole attempt (launcher and ranks) can be waited for and stopped.
-        child = subprocess.Popen(cmd, start_new_session=True)
+        refusal = Path(tempfile.gettempdir()) / f"dat_ds_refusal_{os.getpid()}_{attempt}"
+        refusal.unlink(missing_ok=True)
+        child = subprocess.Popen(
+            cmd, start_new_session=True, env={**os.environ, REFUSAL_FILE_ENV: str(refusal)}
+        )
         rc = child.wait()
         _reap_group(child.pid)
+        refused = refusal.is_file()
+        refusal.unlink(missing_ok=True)
         took = time.monotonic() - t0
         if stop["sig"]:
             print(f"dat-ds supervise: stopped by signal {stop['sig']}; not restarting", file=sys.stderr)
@@ -118,9 +128,9 @@ def supervise(cmd: list[str], max_restarts: int, delay: float) -> int:
             if attempt:
                 print(f"dat-ds supervise: finished after {attempt} restart(s)", file=sys.stderr)
             return 0
-        if rc == REFUSED:
+        if rc == REFUSED or refused:
             print("dat-ds supervise: the run was refused (exit 2); not restarting", file=sys.stderr)
-            return rc
+            return REFUSED
         if attempt >= max_restarts:
             print(
                 f"dat-ds supervise: attempt {attempt + 1} failed (exit {rc}) after {took:.0f} s; "

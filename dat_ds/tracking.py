@@ -142,8 +142,8 @@ def log_stage_results(run_dir: Path, prefix: str, scalars: dict[str, float]) -> 
 
 
 def read_wandb_records(run_dir: Path) -> list[dict]:
-    """Every history row and summary update of the run's offline wandb files, oldest first, as
-    ``{"kind": "history" | "summary", "values": {key: value}}``: wandb's record log (a LevelDB-style log of
+    """Every run record (id, project, entity, group, tags), history row and summary update of the run's offline
+    wandb files, oldest first, as ``{"kind": "run" | "history" | "summary", "values": {key: value}}``: wandb's record log (a LevelDB-style log of
     protobuf ``Record`` messages, 32 KiB blocks after a 7-byte file header), read with wandb's own message types."""
     from wandb.proto import wandb_internal_pb2 as pb
 
@@ -152,6 +152,12 @@ def read_wandb_records(run_dir: Path) -> list[dict]:
         for payload in _log_records(f.read_bytes()):
             rec = pb.Record.FromString(payload)
             kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                r = rec.run
+                run_values = {"id": r.run_id, "project": r.project, "entity": r.entity, "group": r.run_group,
+                              "tags": list(r.tags)}  # fmt: skip
+                out.append({"kind": "run", "values": run_values, "file": str(f)})
+                continue
             if kind == "history":
                 items = rec.history.item
             elif kind == "summary":

@@ -31,6 +31,20 @@ from .training.plan import make_plan
 from .training.resume import check_resume
 
 
+def refuse(message: str, rank: int | None = None) -> int:
+    """Exit status 2 with one line: the run is refused (a supervisor does not restart it; see dat_ds.supervise)."""
+    where = f"rank {rank}: " if rank is not None else ""
+    print(f"dat-ds: {where}error: {message}", file=sys.stderr, flush=True)
+    path = os.environ.get("DAT_DS_REFUSAL_FILE")
+    if path:
+        try:
+            with open(path, "a") as f:
+                f.write(message.splitlines()[0][:500] + "\n")
+        except OSError:
+            pass
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a TOML recipe under recipes/")
@@ -55,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.recipe, args.overrides)
         plan = make_plan(cfg, world)
     except (ConfigError, ShardError) as e:
-        if rank == 0:
-            print(f"dat-ds: error: {e}", file=sys.stderr)
-        return 2
+        return refuse(str(e)) if rank == 0 else 2
     if args.check:
         print(
             f"ok: {args.recipe} | world {world} | accumulation {plan.grad_accum} | "
@@ -74,39 +86,32 @@ def main(argv: list[str] | None = None) -> int:
         from .run_lock import FolderBusy, RunLock
 
         if args.resume in ("none", "") and RunFolder(cfg.run_dir).has_checkpoints():
-            print(
-                f"dat-ds: error: {cfg.run_dir} already holds checkpoints of an earlier run; continue it with "
-                f"--resume auto, or start a new one with --set name=<new name> (nothing was overwritten)",
-                file=sys.stderr,
+            return refuse(
+                f"{cfg.run_dir} already holds checkpoints of an earlier run; continue it with --resume auto, or "
+                "start a new one with --set name=<new name> (nothing was overwritten)"
             )
-            return 2
         if args.resume not in ("none", ""):
             problem = check_resume(cfg, args.resume, world)
             if problem:
-                print(f"dat-ds: error: {problem}", file=sys.stderr)
-                return 2
+                return refuse(problem)
         try:
             lock = RunLock(cfg.run_dir).acquire()
         except FolderBusy as e:
-            print(f"dat-ds: error: {e}", file=sys.stderr)
-            return 2
+            return refuse(str(e))
     try:
         run(cfg, plan, args.resume)
     except ConfigError as e:
-        if rank == 0:
-            print(f"dat-ds: error: {e}", file=sys.stderr)
-        return 2
+        return refuse(str(e)) if rank == 0 else 2
+    except (
+        ShardError
+    ) as e:  # a bad sample or shard met mid-run: named, with its fix; a restart would meet it again
+        return refuse(str(e), rank)
     except SystemExit as e:
         # A refusal from a lower floor (a checkpoint unsafe to load, damaged, from another world size; a disk too
         # full to save): exit 2, so that a supervisor does not restart what would be refused again.
         if not isinstance(e.code, str):
             raise
-        print(
-            f"dat-ds: rank {rank}: error: {e.code.removeprefix('dat-ds: error: ')}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 2
+        return refuse(e.code.removeprefix("dat-ds: error: "), rank)
     except RuntimeError as e:  # gloo and NCCL report a lost peer or a timeout as RuntimeError (subclasses)
         collective = isinstance(e, torch.distributed.DistError) or any(
             k in str(e) for k in ("gloo", "NCCL", "Connection closed", "Timed out", "timed out")

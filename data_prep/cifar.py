@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from dat_ds.cli import command, existing, number
 from dat_ds.data.shards import Sample, write_index, write_split
 
 from .trusted_pickle import load_arrays
@@ -56,23 +58,30 @@ def convert(src: Path, out: Path, per_shard: int) -> None:
         samples: list[Sample] = []
         for f in files:
             samples += to_samples(load_batch(f), split, len(samples))
-        splits[split] = write_split(samples, out, split, per_shard)
+        splits[split] = write_split(samples, out, split, per_shard, total=len(samples))
         print(f"{name} {split}: {len(samples)} images in {len(splits[split])} shards")
     write_index(
         out, name=name, num_classes=classes, channels=3, image_size=32, mean=mean, std=std, splits=splits
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command (exit 2 and a one-line message on a user error)."""
+    return command(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", type=Path)
-    p.add_argument("out", type=Path)
+    p.add_argument("src", type=Path, help="cifar-10-batches-py/ or cifar-100-python/ (the python batches)")
+    p.add_argument("out", type=Path, help="the shard folder to write (index.json, *.tar)")
     p.add_argument(
         "--per-shard", type=int, default=1000, help="images per shard (default 1000: 50 train shards)"
     )
     a = p.parse_args(argv)
+    existing(a.src, "the CIFAR folder", fix="cifar-10-batches-py/ or cifar-100-python/, unpacked")
+    number("--per-shard", a.per_shard, lo=1)
     convert(a.src, a.out, a.per_shard)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from dat_ds.cli import command, number
 from dat_ds.data.shards import Sample, write_index, write_split
 
 
@@ -38,11 +40,17 @@ def digits_samples(seed: int = 0, test_fraction: float = 0.2) -> tuple[list[Samp
     return to_samples(tr, "train"), to_samples(te, "test")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command (exit 2 and a one-line message on a user error)."""
+    return command(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--train-shards", type=int, default=8, help="number of training shards (default 8)")
     a = p.parse_args(argv)
+    number("--train-shards", a.train_shards, lo=1)
     train, test = digits_samples()
     per = -(-len(train) // a.train_shards)
     splits = {
@@ -64,4 +72,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,24 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from dat_ds.data.shards import Sample, write_index, write_tar
+from dat_ds.cli import command, existing, number
+from dat_ds.data.shards import TEST_FILES, Sample, write_index, write_tar
+from dat_ds.progress import progress
+from dat_ds.run_folder import atomic_write
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXTS = {".jpeg": "jpg", ".jpg": "jpg", ".png": "png", ".webp": "webp"}
-
-
-def _progress(iterable, total: int, what: str):
-    """A progress bar on a terminal, a few plain lines in a log (tqdm, installed with DeepSpeed)."""
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=what, unit="img", mininterval=5, disable=None, ascii=True)
 
 
 def sample_key(cls: str, rel: Path) -> str:
@@ -104,10 +101,10 @@ def inspect(
     files: list[Path], workers: int, what: str
 ) -> Iterator[tuple[str, tuple | None, np.ndarray | None, str]]:
     if workers <= 1:
-        yield from _progress(map(_inspect, files), len(files), what)
+        yield from progress(map(_inspect, files), len(files), what, "img")
         return
     with ProcessPoolExecutor(workers) as pool:
-        yield from _progress(pool.map(_inspect, files, chunksize=256), len(files), what)
+        yield from progress(pool.map(_inspect, files, chunksize=256), len(files), what, "img")
 
 
 def shard_plan(files: list, shard_bytes: int) -> Iterator[list]:
@@ -136,7 +133,7 @@ def convert(
     check: bool = True,
     workers: int = 2,
     name: str | None = None,
-    files_list: str = "test.files.txt",
+    files_list: str = TEST_FILES,
 ) -> None:
     classes = classes or sorted(p.name for p in (src / train).iterdir() if p.is_dir())
     if not classes:
@@ -182,7 +179,7 @@ def convert(
     for split, files in splits_in.items():
         entries[split] = []
         groups = list(shard_plan(files, int(shard_mb * 2**20)))
-        for i, group in enumerate(_progress(groups, len(groups), f"writing {split} shards")):
+        for i, group in enumerate(progress(groups, len(groups), f"writing {split} shards", "shard")):
             fname = f"{split}-{i:06d}.tar"
             if not (out / fname).exists():
                 write_tar(
@@ -193,9 +190,9 @@ def convert(
             entries[split].append({"file": fname, "count": len(group)})
         print(f"{split}: {len(files)} images in {len(entries[split])} shards", flush=True)
     # test index -> source file, for subsets named by file (dat_ds.evaluate --indices)
-    tmp = out / (files_list + ".tmp")
-    tmp.write_text("".join(f"{p.relative_to(src).as_posix()}\n" for p, _, _ in splits_in["test"]))
-    tmp.replace(out / files_list)
+    atomic_write(
+        out / files_list, "".join(f"{p.relative_to(src).as_posix()}\n" for p, _, _ in splits_in["test"])
+    )
     write_index(
         out,
         name=name or src.name,
@@ -210,7 +207,12 @@ def convert(
     (out / "classes.json").write_text(json.dumps(classes))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command (exit 2 and a one-line message on a user error)."""
+    return command(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "src", type=Path, help="the tree's root: SRC/<train>/<class>/<files>, SRC/<test>/<class>/<files>"
@@ -235,12 +237,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2, help="processes that decode the images (default 2)")
     p.add_argument("--name", default=None, help="the shard set's name (default: SRC's folder name)")
     a = p.parse_args(argv)
-    if a.shard_mb <= 0 or a.workers < 1:
-        raise SystemExit("--shard-mb must be > 0 and --workers >= 1")
+    existing(
+        a.src, "the source folder", fix=f"it should hold {a.train}/ and {a.test}/ with one folder per class"
+    )
+    number("--shard-mb", a.shard_mb, lo=0, lo_open=True)
+    number("--workers", a.workers, lo=1)
     classes = [c.strip() for c in a.classes.split(",") if c.strip()] or None
     convert(a.src, a.out, train=a.train, test=a.test, classes=classes, shard_mb=a.shard_mb, stats=a.stats,
             skip_bad=a.skip_bad, check=a.check, workers=a.workers, name=a.name)  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

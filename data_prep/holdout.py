@@ -16,11 +16,13 @@ the source and the held-out sample numbers (``extra.val_ids``). The source is on
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from dat_ds.cli import command, existing, number
 from dat_ds.data.shards import (
     INDEX_NAME,
     Sample,
@@ -66,10 +68,14 @@ def make_holdout(src: Path, out: Path, n: int, seed: int, per_shard: int) -> Non
         mean=index.mean,
         std=index.std,
         splits={
-            "train": write_split(take(rest), out, "train", per_shard),
-            "val": write_split(take(val), out, "val", per_shard),
+            "train": write_split(take(rest), out, "train", per_shard, len(rest)),
+            "val": write_split(take(val), out, "val", per_shard, len(val)),
             "test": write_split(
-                (s for sh in test.shards for s in read_shard(sh.url, sh.count)), out, "test", per_shard
+                (s for sh in test.shards for s in read_shard(sh.url, sh.count)),
+                out,
+                "test",
+                per_shard,
+                test.count,
             ),
         },
         extra={"source": str(src), "seed": seed, "val_ids": val.tolist()},
@@ -77,16 +83,24 @@ def make_holdout(src: Path, out: Path, n: int, seed: int, per_shard: int) -> Non
     print(f"{src}: {len(rest)} train + {len(val)} val (held out, seed {seed}) + {test.count} test -> {out}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command (exit 2 and a one-line message on a user error)."""
+    return command(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=Path, help="shard set with train and test splits")
     p.add_argument("out", type=Path, help="new shard folder")
     p.add_argument("--n", type=int, required=True, help="training samples to hold out as the val split")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-shard", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0, help="which samples are held out (default 0)")
+    p.add_argument("--per-shard", type=int, default=5000, help="samples per shard file (default 5000)")
     a = p.parse_args(argv)
+    existing(a.src, "the source shard set")
+    number("--n", a.n, lo=1)
+    number("--per-shard", a.per_shard, lo=1)
     make_holdout(a.src, a.out, a.n, a.seed, a.per_shard)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,14 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
-from dat_ds.data.shards import Sample, write_index, write_tar
+from dat_ds.cli import command, existing, number
+from dat_ds.data.shards import TEST_FILES, Sample, write_index, write_tar
+from dat_ds.progress import progress
+from dat_ds.run_folder import atomic_write
 
 from .folders import IMAGENET_MEAN, IMAGENET_STD, sample_key, shard_plan, unique_keys
 
 EXTS = {".jpeg", ".jpg", ".png"}
-FILES_NAME = "test.files.txt"
 
 
 def list_split(root: Path, split: str, classes: list[str], val_labels: Path | None) -> list[tuple[Path, int]]:
@@ -69,7 +72,8 @@ def convert(src: Path, out: Path, shard_mb: float, val_labels: Path | None, name
         if shuffle:
             random.Random(0).shuffle(files)
         entries = []
-        for i, group in enumerate(shard_plan(files, int(shard_mb * 2**20))):
+        plan = list(shard_plan(files, int(shard_mb * 2**20)))
+        for i, group in enumerate(progress(plan, len(plan), f"writing {split} shards", "shard")):
             fname = f"{split}-{i:06d}.tar"
             if not (out / fname).exists():
                 write_tar(
@@ -89,9 +93,7 @@ def convert(src: Path, out: Path, shard_mb: float, val_labels: Path | None, name
         if (
             split == "val"
         ):  # test index -> source file, for subsets named by file (RobustBench's 5,000 images)
-            tmp = out / (FILES_NAME + ".tmp")
-            tmp.write_text("".join(f"{p.relative_to(src).as_posix()}\n" for p, _, _ in files))
-            tmp.replace(out / FILES_NAME)
+            atomic_write(out / TEST_FILES, "".join(f"{p.relative_to(src).as_posix()}\n" for p, _, _ in files))
         print(f"{split}: {len(files)} images in {len(entries)} shards")
     write_index(
         out,
@@ -107,7 +109,12 @@ def convert(src: Path, out: Path, shard_mb: float, val_labels: Path | None, name
     (out / "classes.json").write_text(json.dumps(classes))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command (exit 2 and a one-line message on a user error)."""
+    return command(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=Path, help="the ImageNet root: SRC/train/<wnid>/*.JPEG and SRC/val/")
     p.add_argument("out", type=Path, help="the shard folder to write (index.json, *.tar)")
@@ -120,8 +127,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--name", default="imagenet", help="the shard set's name (default imagenet)")
     a = p.parse_args(argv)
+    existing(a.src, "the ImageNet folder", fix="it should hold train/<wnid>/*.JPEG and val/")
+    number("--shard-mb", a.shard_mb, lo=0, lo_open=True)
+    if a.val_labels is not None:
+        existing(a.val_labels, "--val-labels", "file")
     convert(a.src, a.out, a.shard_mb, a.val_labels, a.name)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,15 +10,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from dat_ds.cli import command, existing
 from dat_ds.data.shards import INDEX_NAME, write_index
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command (exit 2 and a one-line message on a user error)."""
+    return command(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path, help="shard folder (has index.json)")
     a = p.parse_args(argv)
+    existing(
+        a.root / INDEX_NAME, "the shard set's index", "file", fix="point it at a folder written by data_prep"
+    )
     raw = json.loads((a.root / INDEX_NAME).read_text())
     known = {"format", "name", "num_classes", "channels", "image_size", "mean", "std", "splits", "created"}
     splits = {}
@@ -40,4 +50,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

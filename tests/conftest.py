@@ -202,3 +202,24 @@ def labeller_run(tmp_path, semisup_digits):
     (run / "config.json").write_text(json.dumps(cfg.to_dict()))
     export_safetensors(model.eval(), cfg, index, run / "model.safetensors")
     return run
+
+
+def refused(capsys, rc: int | None, pattern: str) -> str:
+    """A command's user-error refusal: exit status 2 and one ``dat-ds: error:`` line matching ``pattern``."""
+    import re
+
+    err = capsys.readouterr().err
+    assert rc == 2, f"exit status {rc}, not 2; stderr: {err[-500:]}"
+    assert "dat-ds: error: " in err and re.search(pattern, err), err[-500:]
+    return err
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One loud line for each test whose skip means part of the system was not exercised here (the namespace
+    cluster tests without root): a green run must not hide what it did not run."""
+    for rep in terminalreporter.stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        if "NOT RUN:" in reason:
+            terminalreporter.write_line(
+                f"{reason[reason.index('NOT RUN:') :]}: {rep.nodeid}", red=True, bold=True
+            )

@@ -145,7 +145,7 @@ def test_interrupted_evaluation_resumes_at_the_next_chunk(trained_run, tmp_path,
     with pytest.raises(RuntimeError, match="killed"):
         ev.run_evaluation(run, settings, **kw)
     (parts,) = (run / "eval_parts").iterdir()
-    assert len(list(parts.glob("parts/chunk*.npz"))) == 2 and not (run / "eval.json").exists()
+    assert len(list(parts.glob("chunk*.npz"))) == 2 and not (run / "eval.json").exists()
 
     # another setting: nothing reused, its own folder
     calls.clear()
@@ -154,7 +154,7 @@ def test_interrupted_evaluation_resumes_at_the_next_chunk(trained_run, tmp_path,
         ev.run_evaluation(run, ev.AttackSettings(**{**settings.__dict__, "pgd_steps": 4}), **kw)
     assert len(list((run / "eval_parts").iterdir())) == 2
 
-    part = parts / "parts" / "chunk0000001.npz"
+    part = parts / "chunk0000001.npz"
     part.write_bytes(part.read_bytes()[:-20])  # damaged: cut short
     calls.clear()
     monkeypatch.setattr(ev, "chunk_results", counted)

@@ -35,7 +35,8 @@ def base(tmp_path, digits_dir, name, *extra):
 
 
 def test_two_ranks_train_evaluate_track_checkpoint_export(tmp_path, digits_dir):
-    ov = base(tmp_path, digits_dir, "two", "train.epochs=2", "train.micro_batch_size=32", "attack.steps=3")
+    ov = base(tmp_path, digits_dir, "two", "train.epochs=2", "train.micro_batch_size=32", "attack.steps=3",
+              "log.every_steps=2", 'log.group="g1"', 'log.tags=["smoke", "two-ranks"]', 'log.wandb_mode="offline"')  # fmt: skip
     proc = run_launcher(tmp_path, "digits_dat_pgd.toml", ov, port=29621)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "two"
@@ -58,6 +59,46 @@ def test_two_ranks_train_evaluate_track_checkpoint_export(tmp_path, digits_dir):
     assert recs[1]["clean_acc"] > 0.5
     assert json.loads((run / "recipe.json").read_text())["train"]["micro_batch_size"] == 32
     assert list((run / "wandb").glob("offline-run-*")), "wandb offline run written by rank 0"
+    # per-step lines every 2 optimizer steps, in steps.jsonl and in the wandb run, read back from wandb's own files
+    steps = [json.loads(ln) for ln in (run / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == list(range(2, recs[-1]["steps"] + 1, 2))
+    for r in steps:
+        assert r["loss"] > 0 and 0 <= r["adv_acc"] <= 1 and r["lr"] >= 0 and r["images_per_s"] > 0
+        assert r["comm_s_per_step"] > 0 and r["mb_per_step"] > 0
+    assert len({r["lr"] for r in steps}) > 2, "the schedule moves the LR between lines"
+    from dat_ds.tracking import read_wandb_records
+
+    def wandb_rows():
+        return read_wandb_records(run)
+
+    rows = wandb_rows()
+    per_step = [r["values"] for r in rows if r["kind"] == "history" and "step/loss" in r["values"]]
+    assert [h["_step"] for h in per_step] == [r["step"] for r in steps]
+    assert [h["step/loss"] for h in per_step] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
+    per_epoch = [r["values"] for r in rows if r["kind"] == "history" and "train_loss" in r["values"]]
+    assert [h["clean_acc"] for h in per_epoch] == pytest.approx([r["clean_acc"] for r in recs], rel=1e-9)
+    (info,) = [r["values"] for r in rows if r["kind"] == "run"]
+    assert (
+        info["group"] == "g1"
+        and sorted(info["tags"]) == ["smoke", "two-ranks"]
+        and info["project"] == "dat-ds"
+    )
+    assert (run / "wandb_id.txt").read_text().strip() == info["id"]
+    assert "wandb sync" in proc.stdout + proc.stderr, "an offline run says how to upload it"
+    # an evaluation's results land in the same wandb run (same id), as a summary under eval/
+    ev = subprocess.run(
+        [str(VENV_BIN / "python"), "-m", "dat_ds.evaluate", str(run), "--subset", "8", "--chunk", "8",
+         "--pgd-steps", "2", "--pgd-restarts", "1", "--no-autoattack"],
+        env=launch_env(tmp_path), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    report = json.loads((run / "eval.json").read_text())
+    rows = wandb_rows()
+    runs = {r["values"]["id"] for r in rows if r["kind"] == "run"}
+    assert runs == {info["id"]}, "the evaluation resumed training's wandb run"
+    summary = {k: v for r in rows if r["kind"] == "summary" for k, v in r["values"].items()}
+    assert summary["eval/clean_acc"] == pytest.approx(report["clean_acc"])
+    assert summary["eval/pgd_acc"] == pytest.approx(report["pgd_acc"])
     assert proc.stdout.count("epoch 2 |") == 1, "rank 0 alone logs"
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
     assert ckpts == ["epoch0001", "epoch0002"]

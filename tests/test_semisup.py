@@ -18,7 +18,7 @@ from dat_ds.config import ConfigError, load_config
 from dat_ds.data.shards import SampleReader, load_index, write_index, write_split
 from data_prep.digits import digits_samples
 from data_prep.trusted_pickle import UntrustedPickle, load_arrays
-from tests.conftest import REPO, VENV_BIN, launch_env
+from tests.conftest import REPO, VENV_BIN, launch_env, refused
 
 ID_BASE = 10_000  # the id set's labels: ID_BASE + sample number, so a test can tell every sample apart
 
@@ -84,7 +84,7 @@ def test_label_split_is_seeded():
         choose_labeled(np.array([3, 3, *range(10)] * 3)[3:], 3, 10, 0)
 
 
-def test_unlabeled_image_folder(tmp_path):
+def test_unlabeled_image_folder(tmp_path, capsys):
     from sklearn.datasets import load_sample_image
 
     from data_prep.unlabeled import main
@@ -104,8 +104,11 @@ def test_unlabeled_image_folder(tmp_path):
     bmp = r[5]
     assert bmp.ext == "png" and (np.asarray(Image.open(io.BytesIO(bmp.image))) == photo[:32, 32:64]).all()
     (folder / "bad.png").write_bytes(b"garbage")
-    with pytest.raises(SystemExit, match="bad.png is not a readable image"):
-        main(["folder", str(tmp_path / "imgs"), str(tmp_path / "out2")])
+    refused(
+        capsys,
+        main(["folder", str(tmp_path / "imgs"), str(tmp_path / "out2")]),
+        "bad.png is not a readable image",
+    )
 
 
 # ------------------------------------------------------------------------------------------ trusted pickles
@@ -150,15 +153,15 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_malicious_pickle_is_refused_before_it_runs(tmp_path):
+def test_a_malicious_pickle_is_refused_before_it_runs(tmp_path, capsys):
     from data_prep.tiny_images import main
 
     marker = tmp_path / "PWNED"
     data = np.zeros((2, 32, 32, 3), np.uint8)
     with open(tmp_path / "evil.pickle", "wb") as f:
         pickle.dump({"data": data, "extrapolated_targets": np.zeros(2, np.int64), "x": _Exploit(marker)}, f)
-    with pytest.raises(SystemExit, match=r"asks to load posix\.system.*refused before anything in it ran"):
-        main([str(tmp_path / "evil.pickle"), str(tmp_path / "out")])
+    rc = main([str(tmp_path / "evil.pickle"), str(tmp_path / "out")])
+    refused(capsys, rc, r"asks to load posix\.system.*refused before anything in it ran")
     assert not marker.exists() and not (tmp_path / "out" / "index.json").exists()
     # an object array (whose elements would be arbitrary objects) is refused too
     with pytest.raises(UntrustedPickle, match="object array"):

@@ -24,9 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from ..progress import progress
+from ..run_folder import atomic_path, atomic_write
 from .tar import Sample, ShardError, sample_key, tar_members, write_tar
 
 INDEX_NAME = "index.json"
+TEST_FILES = "test.files.txt"  # a shard set's test index -> source file (subsets named by file)
 FORMAT = "dat-ds-shards/1"
 MEMBERS_SUFFIX = ".members.npy"
 # Columns of a split's member table.
@@ -74,6 +77,11 @@ class ShardIndex:
         return self.splits[name]
 
 
+def has_index(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a shard set (its ``index.json``)."""
+    return (Path(folder) / INDEX_NAME).is_file()
+
+
 def pooled_split(first: Split, second: Split) -> Split:
     """One split of two: sample numbers 0 .. first.count-1 are ``first``'s, the rest ``second``'s (the official
     DAT code's CIFAR-10 + 500K pseudo-labelled images as one training set)."""
@@ -87,8 +95,11 @@ def pooled_split(first: Split, second: Split) -> Split:
     return Split(first.shards + second.shards, members, f"{first.members_file}+{second.members_file}")
 
 
-def write_split(samples: Iterable[Sample], out_dir: Path, split: str, per_shard: int) -> list[dict[str, Any]]:
-    """Write ``split-000000.tar``... with at most ``per_shard`` samples each; every file appears whole or not at all."""
+def write_split(
+    samples: Iterable[Sample], out_dir: Path, split: str, per_shard: int, total: int | None = None
+) -> list[dict[str, Any]]:
+    """Write ``split-000000.tar``... with at most ``per_shard`` samples each; every file appears whole or not at all.
+    Reports progress (``dat_ds.progress``) against ``total`` samples when given."""
     if per_shard < 1:
         raise ValueError("per_shard must be >= 1")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +112,7 @@ def write_split(samples: Iterable[Sample], out_dir: Path, split: str, per_shard:
         entries.append({"file": name, "count": len(buf), "bytes": (out_dir / name).stat().st_size})
         buf.clear()
 
-    for s in samples:
+    for s in progress(samples, total, f"{out_dir.name}/{split}", "img"):
         buf.append(s)
         if len(buf) == per_shard:
             flush()
@@ -150,9 +161,7 @@ def write_index(
         **(extra or {}),
     }
     path = out_dir / INDEX_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(index, indent=1))
     return path
 
 
@@ -228,6 +237,9 @@ def load_index(root: str | Path, *, check_files: bool = True) -> ShardIndex:
         members, mfile = None, split.get("members", "")
         if mfile and check_files:
             members = _load_members(root / mfile, infos, path)
+            _check_labels(
+                members, infos, split_name, int(raw["num_classes"]), bool(raw.get("labeled", True)), path
+            )
         splits[split_name] = Split(tuple(infos), members, mfile)
     return ShardIndex(
         root=str(root),
@@ -242,11 +254,28 @@ def load_index(root: str | Path, *, check_files: bool = True) -> ShardIndex:
     )
 
 
+def _check_labels(
+    members: np.ndarray, shards: list[ShardInfo], split: str, num_classes: int, labeled: bool, path: Path
+) -> None:
+    """Every label of a labeled split in 0 .. num_classes - 1 (an unlabeled set's are -1), from the member table,
+    before anything trains on them."""
+    labels = np.asarray(members[:, M_LABEL])
+    bad = (labels < 0) | (labels >= num_classes) if labeled else labels != -1
+    if not bad.any():
+        return
+    first = int(np.argmax(bad))
+    url = shards[int(members[first, M_SHARD])].url
+    want = f"0..{num_classes - 1} (num_classes = {num_classes})" if labeled else "-1 (an unlabeled set)"
+    raise ShardError(
+        f"{path}: split '{split}' has {int(bad.sum())} sample(s) with a label outside {want}, the first sample "
+        f"number {first} (label {int(labels[first])}, in {url}); fix the labels (.cls) or num_classes and re-run "
+        "the data_prep converter"
+    )
+
+
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def _load_members(path: Path, shards: list[ShardInfo], index_path: Path) -> np.ndarray:

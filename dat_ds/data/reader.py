@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..run_folder import atomic_path
 from .index import M_SHARD, ShardInfo, Split
 from .tar import Sample, ShardError, make_sample, parse_sample, sample_key, tar_members
 
@@ -39,7 +40,7 @@ def _evict(root: Path, keep: Path, need: int) -> None:
     for f in files:
         if total + need <= cap:
             return
-        lock = f.with_suffix(".lock")
+        lock = f.with_suffix(".fetching")
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -72,22 +73,22 @@ def local_copy(info: ShardInfo) -> str:
         os.utime(path)  # recently used
         return str(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path.with_suffix(".fetching"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # another process of this node may be fetching it: wait for it
         if whole():
             os.utime(path)
             return str(path)
         _evict(path.parent, path, max(info.nbytes, 0))
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with gopen(info.url, "rb", bufsize=1 << 20) as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 22):
-                dst.write(chunk)
-        size = tmp.stat().st_size
-        if info.nbytes >= 0 and size != info.nbytes:
-            tmp.unlink()
-            raise ShardError(f"shard {info.url} arrived with {size} bytes, its index says {info.nbytes}")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            with gopen(info.url, "rb", bufsize=1 << 20) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+            size = tmp.stat().st_size
+            if (
+                info.nbytes >= 0 and size != info.nbytes
+            ):  # the temporary file goes, the cache keeps no torn shard
+                raise ShardError(f"shard {info.url} arrived with {size} bytes, its index says {info.nbytes}")
     finally:
         os.close(fd)
     return str(path)
@@ -118,7 +119,10 @@ class SampleReader:
         url = self.split.shards[shard].url
         if len(blob) != end - start:
             raise ShardError(f"shard {url} ends before sample {i}'s bytes: the file is truncated")
-        return parse_sample(blob, url)
+        try:
+            return parse_sample(blob, url)
+        except ShardError as e:
+            raise ShardError(f"sample number {i}: {e}") from None
 
     def url_of(self, i: int) -> str:
         return self.split.shards[int(self.split.members[i][M_SHARD])].url

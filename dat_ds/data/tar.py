@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..run_folder import atomic_path
+
 
 class ShardError(ValueError):
     """A shard set that cannot be used as it is; the message names the file and the fix."""
@@ -32,8 +34,7 @@ class Sample:
 
 
 def write_tar(path: Path, samples: list[Sample]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for s in samples:
             for ext, payload in ((s.ext, s.image), ("cls", str(s.label).encode()), *s.extra):
                 info = tarfile.TarInfo(f"{s.key}.{ext}")
@@ -41,7 +42,6 @@ def write_tar(path: Path, samples: list[Sample]) -> None:
                 info.mtime = 0  # reproducible shards
                 info.mode = 0o444
                 tar.addfile(info, io.BytesIO(payload))
-    os.replace(tmp, path)
 
 
 def tar_members(stream, url: str, want=None) -> Iterator[tuple[str, bytes | None, int, int]]:
@@ -135,11 +135,21 @@ def sample_key(name: str) -> str | None:
 
 
 def make_sample(url: str, key: str, files: dict[str, bytes]) -> Sample:
-    ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
-    if ext is None or "cls" not in files:
-        raise ShardError(f"{url}: sample {key} has no image or no .cls ({sorted(files)})")
+    """A sample from its members. One without an image member gets empty image bytes (decoding it fails, naming
+    the sample, under ``data.on_bad_sample``); one without ``.cls`` gets label -1 (refused for a labeled set)."""
+    ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), "")
+    try:
+        label = int(files["cls"]) if "cls" in files else -1
+    except ValueError:
+        raise ShardError(
+            f"{url}: sample {key} has a .cls that is not an integer ({files['cls'][:20]!r})"
+        ) from None
     extra = tuple((k, v) for k, v in sorted(files.items()) if k not in (ext, "cls"))
-    return Sample(key=key, image=files[ext], ext=ext, label=int(files["cls"]), extra=extra)
+    return Sample(key=key, image=files[ext] if ext else b"", ext=ext, label=label, extra=extra)
+
+
+def _folder(url: str) -> str:
+    return str(Path(url).parent) if "://" not in url and not url.startswith("pipe:") else "SHARD_FOLDER"
 
 
 def parse_sample(blob: bytes, url: str) -> Sample:
@@ -151,9 +161,15 @@ def parse_sample(blob: bytes, url: str) -> Sample:
         if stem is None:
             continue
         if key is not None and stem != key:
-            raise ShardError(f"{url}: member table entry spans samples {key} and {stem}; rebuild it")
+            raise ShardError(
+                f"{url}: a member table entry spans samples {key} and {stem}: the table does not match the shard; "
+                f"rebuild it with: python -m data_prep.members {_folder(url)}"
+            )
         key = stem
         files[name.rpartition("/")[2].partition(".")[2].lower()] = payload
     if key is None:
-        raise ShardError(f"{url}: member table entry holds no sample; rebuild it")
+        raise ShardError(
+            f"{url}: a member table entry holds no whole sample: the table does not match the shard; rebuild it "
+            f"with: python -m data_prep.members {_folder(url)}"
+        )
     return make_sample(url, key, files)

@@ -93,6 +93,8 @@ def decode(
     image_size: int,
     rng: random.Random | None,
 ) -> torch.Tensor:
+    if not data:
+        raise ValueError("the sample has no image member (.jpg, .jpeg, .png or .webp)")
     img = Image.open(io.BytesIO(data))
     mode = "L" if channels == 1 else "RGB"
     if augment == "imagenet":

@@ -64,7 +64,12 @@ def start_rank(cfg: RunConfig, plan: Plan) -> Session:
     )
     PEERS[:] = rank_addresses(device)
     assert world == plan.world
-    share_environment(device)  # DAT_DS_* and OMP_NUM_THREADS as the launching host set them, on every host
+    adopted = share_environment(
+        device
+    )  # DAT_DS_* and OMP_NUM_THREADS as the launching host set them, everywhere
+    if adopted and dist.get_rank() != 0:
+        print(f"dat-ds: rank {rank}: {', '.join(sorted(adopted))} taken from rank 0 (not set on this host)",
+              file=sys.stderr, flush=True)  # fmt: skip
     _setup_logging(rank)
     _seed_everything(cfg.train.seed, rank, cfg.train.deterministic)
     set_cpu_threads()
