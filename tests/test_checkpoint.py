@@ -111,6 +111,17 @@ def test_damaged_and_tampered_checkpoints_through_the_real_engine(tmp_path, digi
     first = run_launcher(tmp_path, "digits_dat_pgd.toml", ov, port=29691)
     assert first.returncode == 0, first.stderr[-2000:]
     ck = tmp_path / "r" / "checkpoints"
+    # the layout of run folders written before 3 December 2026: the recipe as config.json (no timm model config)
+    # in the run folder and in each checkpoint; it must still resume
+    run = tmp_path / "r"
+    (run / "config.json").unlink()
+    (run / "recipe.json").rename(run / "config.json")
+    for tag in ck.iterdir():
+        if tag.is_dir():
+            (tag / "recipe.json").rename(tag / "config.json")
+            meta = json.loads((tag / "COMPLETE").read_text())
+            meta["files"]["config.json"] = meta["files"].pop("recipe.json")
+            (tag / "COMPLETE").write_text(json.dumps(meta))
     newest = ck / "epoch0002" / "mp_rank_00_model_states.pt"
     whole = newest.read_bytes()
     newest.write_bytes(whole[: len(whole) // 2])  # truncated

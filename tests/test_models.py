@@ -57,3 +57,23 @@ def test_bf16_model_sees_the_attack_delta_intact():
     assert _delta_seen_error(m, x, delta, cast_pixels=True) > 0.05, "the check can see a bf16 cast"
     out = m(x)
     assert out.dtype == torch.bfloat16 and out.shape == (4, 10)
+
+
+def test_pretrained_models_normalize_with_their_own_statistics():
+    """model.input_norm = "auto": a pretrained timm network gets its pretrained_cfg's mean/std (what its weights
+    were trained with), a network from scratch the shard set's; the recipe can say otherwise."""
+    import pytest
+
+    from dat_ds.models import input_stats
+
+    data = ([0.5] * 3, [0.2] * 3)
+    pre = ModelConfig(name="resnet50", pretrained=True)
+    assert pre.norm == "model"
+    m, s = input_stats(pre, 3, *data)
+    assert m == pytest.approx((0.485, 0.456, 0.406)) and s == pytest.approx((0.229, 0.224, 0.225))
+    assert input_stats(ModelConfig(name="resnet50", pretrained=True, input_norm="data"), 3, *data) == (
+        (0.5,) * 3,
+        (0.2,) * 3,
+    )
+    assert ModelConfig(name="resnet50").norm == "data"
+    assert input_stats(ModelConfig(name="resnet50"), 3, *data) == ((0.5,) * 3, (0.2,) * 3)
