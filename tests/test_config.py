@@ -31,7 +31,10 @@ def test_unknown_section(tmp_path):
         ("[optim]\nlr = true", r"optim.lr must be a number, got bool"),
         ('[attack]\nmethod = "cw"', r"attack.method='cw' is not one of \['pgd', 'fgsm', 'none'\]"),
         ("[comm]\nbits = 8", r"comm.bits=8 with comm.topology='hpc'"),
-        ("[optim]\nc_lower = 2.0\nc_upper = 1.0", r"optim.c_lower=2.0, optim.c_upper=1.0: 0 <= c_lower <= c_upper"),
+        (
+            "[optim]\nc_lower = 2.0\nc_upper = 1.0",
+            r"optim.c_lower=2.0, optim.c_upper=1.0: 0 <= c_lower <= c_upper",
+        ),
         ("[train]\nglobal_batch_size = 100\nmicro_batch_size = 64", "not a multiple of"),
     ],
 )

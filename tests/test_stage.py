@@ -150,9 +150,7 @@ def test_a_damaged_model_export_is_named(command, damage, finished_run, tmp_path
         ["--sigma", "0.25", "--N", "100", "--subset", "4"] if command == "certify" else ["--no-autoattack"]
     )
     rc = main([str(run), *extra])
-    pattern = (
-        "is missing" if damage == "missing" else "cannot be loaded .* it is damaged; export it again"
-    )
+    pattern = "is missing" if damage == "missing" else "cannot be loaded .* it is damaged; export it again"
     refused(capsys, rc, re.escape(str(model)) + ".*" + pattern)
     assert not (run / "eval.json").exists() and not (run / "certify").exists()
 
@@ -209,7 +207,9 @@ def test_an_out_of_range_label_is_refused_when_the_index_loads(tmp_path, capsys)
     from dat_ds.train import main
 
     d = _shard_set(tmp_path / "labels", label=lambda i: 12 if i == 5 else i % 10)
-    with pytest.raises(ShardError, match=r"outside 0\.\.9 .*sample number 5 \(label 12, in .*train-000000.tar\)"):
+    with pytest.raises(
+        ShardError, match=r"outside 0\.\.9 .*sample number 5 \(label 12, in .*train-000000.tar\)"
+    ):
         load_index(d)
     rc = main([str(REPO / "recipes/digits_dat_pgd.toml"), "--check", "--set", f'data.shards="{d}"'])
     refused(capsys, rc, "label outside 0..9")
