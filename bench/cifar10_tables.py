@@ -20,10 +20,6 @@ Table 4: DAT-PGD + LALR at 8B with the gradient average at 32 bits (ring all-red
 server), then 16, 8, 8 two-sided and 4 two-sided bits with the paper's quantizer (qsgd), and 8 and 4 two-sided bits
 with dat-ds's (block): TA, RA, measured MB per iteration.
 
-The budget (about 12 hours of this machine), fixed before any run: 4 epochs and PGD-3 in training (not the paper's
-PGD-10); AutoAttack on 4 rows (AT and the three DAT-PGD rows, seed 0), not the FGSM rows, whose PGD-50 x 5 already
-separates them; dat-ds's block codec at 8 and 4 two-sided bits only; the phases in the order of what the claims
-need first: Table 1's seed 0, Tables 2, 3 and 4, AutoAttack, then the second seeds (``--tables``).
 Table 2: Gaussian-noise training (Cohen et al.) under DAT at sigma = 0.12 and 0.25 with N = 2 and N = 20 noisy copies
 of every image, and the compute-matched N = 20 (smoothing.batch_unit = "pairs": the N = 2 run's steps and cost),
 2 epochs each; Cohen's CERTIFY on every 20th test image (500) with N0 = 100, n = 10,000, alpha = 0.001; certified
@@ -33,6 +29,11 @@ by a standard model trained on the 4,000 (30 epochs at B); DAT-PGD (SGD, 8B) on 
 the pseudo-labelled images pooled as the official code pools them, and on all 45,000 labels (Table 1's run): the same
 number of optimizer steps (about 172, 4 epochs of 45,000) and LR schedule in steps; TA and RA (PGD-50 x 5) on the same
 1,000 test images.
+
+The budget (about 12 hours of this machine), fixed before any run: 4 epochs and PGD-3 in training (not the paper's
+PGD-10); AutoAttack on 4 rows (AT and the three DAT-PGD rows, seed 0), not the FGSM rows, whose PGD-50 x 5 already
+separates them; dat-ds's block codec at 8 and 4 two-sided bits only; the phases in the order of what the claims
+need first: Table 1's seed 0, Tables 2, 3 and 4, AutoAttack, then the second seeds (``--tables``).
 """
 
 from __future__ import annotations
