@@ -134,6 +134,7 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
     dist.all_gather(both, mine)
     if rank == 0:
         torch.save({"r0": both[0], "r1": both[1]}, out)
+    dist.barrier()  # gloo aborts a rank that tears down while its peer still works
     dist.destroy_process_group()
 
 

@@ -21,6 +21,7 @@ from data_prep.trusted_pickle import UntrustedPickle, load_arrays
 from tests.conftest import REPO, VENV_BIN, launch_env, refused
 
 ID_BASE = 10_000  # the id set's labels: ID_BASE + sample number, so a test can tell every sample apart
+WIDE = 30_000  # num_classes of the sets whose labels are sample ids (load_index refuses labels >= num_classes)
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +37,25 @@ def id_set(tmp_path_factory):
     write_index(
         out,
         name="ids",
-        num_classes=10,
+        num_classes=WIDE,
         channels=1,
         image_size=8,
         mean=[0.3],
         std=[0.4],
         splits={"train": write_split(samples, out, "train", 300)},
     )
+    return out
+
+
+@pytest.fixture(scope="module")
+def wide_labeled(tmp_path_factory):
+    """300 real digit training images with their own labels 0..9, in a set as wide as the id set (the two streams
+    of a run must agree on num_classes)."""
+    out = tmp_path_factory.mktemp("wide")
+    train, test = digits_samples()
+    write_index(out, name="wide", num_classes=WIDE, channels=1, image_size=8, mean=[0.3], std=[0.4],
+                splits={"train": write_split(train[:300], out, "train", 100),
+                        "test": write_split(test[:20], out, "test", 20)})  # fmt: skip
     return out
 
 
@@ -214,12 +227,12 @@ def _plan(labeled, unlabeled, world, micro=16, fraction=0.5, accum=1, workers=0)
     [(1, 1, 0, 0.5), (2, 1, 2, 0.5), (3, 2, 0, 0.25), (2, 1, 0, 0.75)],
 )
 def test_every_micro_batch_has_the_exact_share_on_every_rank(
-    semisup_digits, id_set, world, accum, workers, fraction
+    wide_labeled, id_set, world, accum, workers, fraction
 ):
     from dat_ds.training.step import train_batches
 
     micro = 16
-    cfg, plan = _plan(semisup_digits["labeled"], id_set, world, micro, fraction, accum, workers)
+    cfg, plan = _plan(wide_labeled, id_set, world, micro, fraction, accum, workers)
     u = cfg.unlabeled_per_micro
     assert u == round(micro * fraction)
     g_u = u * world * accum  # unlabeled samples per optimizer step
@@ -260,7 +273,7 @@ def test_pooled_sets_are_one_stream_every_sample_once_per_epoch(
     samples = [
         Sample(key=f"l{i:04d}", image=s.image, ext=s.ext, label=20_000 + i) for i, s in enumerate(train[:300])
     ]
-    write_index(labeled, name="lab", num_classes=10, channels=1, image_size=8, mean=[0.3], std=[0.4],
+    write_index(labeled, name="lab", num_classes=WIDE, channels=1, image_size=8, mean=[0.3], std=[0.4],
                 splits={"train": write_split(samples, labeled, "train", 100),
                         "test": write_split(test[:20], labeled, "test", 20)})  # fmt: skip
 
@@ -295,10 +308,10 @@ def test_pooled_sets_are_one_stream_every_sample_once_per_epoch(
     assert sorted(ids[:g]) == sorted(i for b in one[: g // 16] for i in b)
 
 
-def test_a_resumed_two_stream_epoch_continues_the_same_batches(semisup_digits, id_set):
+def test_a_resumed_two_stream_epoch_continues_the_same_batches(wide_labeled, id_set):
     from dat_ds.training.step import train_batches
 
-    cfg, plan = _plan(semisup_digits["labeled"], id_set, world=2)
+    cfg, plan = _plan(wide_labeled, id_set, world=2)
     for r in range(2):
         full = list(train_batches(cfg, plan, 3, 0, r, 8, False))
         tail = list(train_batches(cfg, plan, 3, 7, r, 8, False))

@@ -71,6 +71,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             dict(results=results, exact=exact, plain=plain, inputs=torch.stack(everyone)),
             os.path.join(out_dir, "out.pt"),
         )
+    dist.barrier()  # gloo aborts a rank that tears down while its peer still works
     dist.destroy_process_group()
 
 
