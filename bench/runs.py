@@ -136,3 +136,55 @@ def row_summary(run: Path, key: str, times: dict) -> dict | None:
     for stage in ("train", "eval", "autoattack"):
         s[f"{stage}_s"] = times.get(f"{stage}_{key}", float("nan"))
     return s
+
+
+@dataclass
+class Claim:
+    """One of the paper's claims as a paired comparison of two rows: ``a - b`` in RA points, ``expect`` its sign
+    (">" a gain, "<" a loss, "≈" no difference). ``{seed}`` in a key pairs the two rows seed by seed."""
+
+    text: str
+    a: str
+    b: str
+    expect: str
+
+
+def noise_points(p_a: float, p_b: float, n: int) -> float:
+    """Twice the standard error of the difference of two accuracies on n test images, as if the two were
+    independent (a paired comparison on the same images varies less, so this errs towards "within noise")."""
+    return 200 * ((p_a * (1 - p_a) + p_b * (1 - p_b)) / n) ** 0.5
+
+
+def verdict(delta: float, noise: float, expect: str) -> str:
+    """reproduced, not reproduced (the difference the claim needs is within noise, or a claimed tie is not one) or
+    contradicted (a difference beyond noise the other way)."""
+    seen = "≈" if abs(delta) <= noise else (">" if delta > 0 else "<")
+    if seen == expect:
+        return "reproduced"
+    return "not reproduced" if "≈" in (seen, expect) else "contradicted"
+
+
+def claims_table(claims: list[Claim], done: dict, n: int) -> str:
+    """The claims as a markdown table from the finished rows' summaries (``row_summary``); a claim whose rows have
+    not run yet is left out. The noise of a comparison is the larger of ``noise_points`` and the spread of its
+    difference over seeds."""
+    lines = [
+        "| the paper's claim (or dat-ds's) | comparison (a − b) | expected | ΔRA per seed (points) | mean ΔRA | noise (points) | at this scale |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in claims:
+        ds, noise = [], 0.0
+        for seed in (0, 1) if "{seed}" in c.a and "{seed}" in c.b else (0,):
+            x, y = done.get(c.a.format(seed=seed)), done.get(c.b.format(seed=seed))
+            if x and y:
+                ds.append(100 * (x["RA"] - y["RA"]))
+                noise = max(noise, noise_points(x["RA"], y["RA"], n))
+        if not ds:
+            continue
+        mean = sum(ds) / len(ds)
+        noise = max(noise, max(ds) - min(ds))
+        lines.append(
+            f"| {c.text} | {c.a.format(seed='*')} − {c.b.format(seed='*')} | {c.expect} | "
+            f"{' / '.join(f'{d:+.1f}' for d in ds)} | {mean:+.2f} | {noise:.1f} | {verdict(mean, noise, c.expect)} |"
+        )
+    return "\n".join(lines)
