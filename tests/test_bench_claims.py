@@ -31,8 +31,10 @@ def test_verdicts(delta, expect, want):
 
 def test_claims_pair_seed_by_seed_and_take_the_seed_spread_as_noise_when_larger():
     done = {
-        "big_s0": {"RA": 0.60}, "big_s1": {"RA": 0.70},  # fmt: skip
-        "small_s0": {"RA": 0.62}, "small_s1": {"RA": 0.62},  # fmt: skip
+        "big_s0": {"RA": 0.60},
+        "big_s1": {"RA": 0.70},  # fmt: skip
+        "small_s0": {"RA": 0.62},
+        "small_s1": {"RA": 0.62},  # fmt: skip
         "ref": {"RA": 0.99},
     }
     claims = [

@@ -21,7 +21,9 @@ from data_prep.trusted_pickle import UntrustedPickle, load_arrays
 from tests.conftest import REPO, VENV_BIN, launch_env, refused
 
 ID_BASE = 10_000  # the id set's labels: ID_BASE + sample number, so a test can tell every sample apart
-WIDE = 30_000  # num_classes of the sets whose labels are sample ids (load_index refuses labels >= num_classes)
+WIDE = (
+    30_000  # num_classes of the sets whose labels are sample ids (load_index refuses labels >= num_classes)
+)
 
 
 @pytest.fixture(scope="module")
