@@ -310,6 +310,10 @@ CLAIMS = [
 ]  # fmt: skip
 
 
+def _s(seconds: float) -> str:
+    return "–" if seconds != seconds else f"{seconds:.0f}"  # NaN: a stage not run (yet)
+
+
 def _summaries(a, keys: list[str], times: dict) -> dict:
     out = {key: row_summary(a.out / key, key, times) for key in keys}
     return {k: v for k, v in out.items() if v is not None}
@@ -336,8 +340,8 @@ def write_report(a, times: dict) -> None:
 
         t1.append(f"| {label} | {row.source} | 1×{row.ranks} | {row.batch} | {s['steps']} | {pct([x['TA'] for x in ss])} | "
                   f"{pct([x['RA'] for x in ss])} | {pct([x['AA'] for x in ss if x['AA'] is not None] or [None])} | "
-                  f"{mean('C'):.1f} | {mean('T'):.0f} | {len(ss)} | {mean('train_s'):.0f} | {mean('eval_s'):.0f} | "
-                  f"{mean('autoattack_s'):.0f} |")  # fmt: skip
+                  f"{mean('C'):.1f} | {mean('T'):.0f} | {len(ss)} | {_s(mean('train_s'))} | {_s(mean('eval_s'))} | "
+                  f"{_s(mean('autoattack_s'))} |")  # fmt: skip
     paired = [
         "| comparison | seeds | ΔTA per seed | ΔRA per seed (points) | mean ΔRA | spread of ΔRA |",
         "|---|---|---|---|---|---|",
@@ -482,7 +486,8 @@ def plot(a, done: dict) -> None:
                 a1.plot([i + (k - 1) * 0.27] * len(vals), vals, "k.", ms=4)
     a1.set_xticks(range(len(labels)), [lab.replace(", ", "\n") for lab in labels], fontsize=6)
     a1.set(ylabel="accuracy (%)", title="Table 1: TA, RA (PGD-50×5), AA (dots: seeds)")
-    a1.legend(fontsize=8)
+    if a1.get_legend_handles_labels()[0]:
+        a1.legend(fontsize=8)
     a1.grid(alpha=0.3, axis="y")
     for row in rows():
         if 4 in row.tables and row.key in done:
@@ -512,7 +517,8 @@ def plot(a, done: dict) -> None:
                     label=f"σ={sigma} N={n}{' pairs' if unit == 'pairs' else ''}",
                     ls="--" if unit == "pairs" else "-")  # fmt: skip
     a2.set(xlabel="ℓ2 radius", ylabel="certified accuracy (%)", title="Table 2: certified accuracy")
-    a2.legend(fontsize=7)
+    if a2.get_legend_handles_labels()[0]:  # no curves until a certification has run
+        a2.legend(fontsize=7)
     a2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(a.docs / "cifar10_tables.png", dpi=110)
