@@ -418,7 +418,8 @@ option (docs/fidelity.md).
 
 "at this scale": reproduced when the mean difference has the expected sign beyond its noise (or, for a claimed
 tie, is within it), contradicted when it is beyond noise the other way, not reproduced otherwise; noise as in
-docs/paper_tables.md (twice the unpaired standard error on 1,000 images, or the spread over seeds if larger). A claim
+docs/paper_tables.md (twice the unpaired standard error on 1,000 images, or the spread over seeds if larger). The
+verdict reads RA; the clean accuracy's difference (mean ΔTA) stands beside it. A claim
 whose rows have not run yet is not listed. Table 2's claim (N = 20 noise samples certify more than N = 2) is read
 from its table above.
 

@@ -166,18 +166,20 @@ def verdict(delta: float, noise: float, expect: str) -> str:
 
 def claims_table(claims: list[Claim], done: dict, n: int) -> str:
     """The claims as a markdown table from the finished rows' summaries (``row_summary``); a claim whose rows have
-    not run yet is left out. The noise of a comparison is the larger of ``noise_points`` and the spread of its
+    not run yet is left out. The verdict reads RA (the claims are about robustness); the clean accuracy's difference
+    stands beside it. The noise of a comparison is the larger of ``noise_points`` and the spread of its
     difference over seeds."""
     lines = [
-        "| the paper's claim (or dat-ds's) | comparison (a − b) | expected | ΔRA per seed (points) | mean ΔRA | noise (points) | at this scale |",
-        "|---|---|---|---|---|---|---|",
+        "| the paper's claim (or dat-ds's) | comparison (a − b) | expected | ΔRA per seed (points) | mean ΔRA | noise (points) | at this scale | mean ΔTA |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in claims:
-        ds, noise = [], 0.0
+        ds, ta, noise = [], [], 0.0
         for seed in (0, 1) if "{seed}" in c.a and "{seed}" in c.b else (0,):
             x, y = done.get(c.a.format(seed=seed)), done.get(c.b.format(seed=seed))
             if x and y:
                 ds.append(100 * (x["RA"] - y["RA"]))
+                ta.append(100 * (x["TA"] - y["TA"]))
                 noise = max(noise, noise_points(x["RA"], y["RA"], n))
         if not ds:
             continue
@@ -185,6 +187,7 @@ def claims_table(claims: list[Claim], done: dict, n: int) -> str:
         noise = max(noise, max(ds) - min(ds))
         lines.append(
             f"| {c.text} | {c.a.format(seed='*')} − {c.b.format(seed='*')} | {c.expect} | "
-            f"{' / '.join(f'{d:+.1f}' for d in ds)} | {mean:+.2f} | {noise:.1f} | {verdict(mean, noise, c.expect)} |"
+            f"{' / '.join(f'{d:+.1f}' for d in ds)} | {mean:+.2f} | {noise:.1f} | {verdict(mean, noise, c.expect)} | "
+            f"{sum(ta) / len(ta):+.2f} |"
         )
     return "\n".join(lines)

@@ -31,11 +31,11 @@ def test_verdicts(delta, expect, want):
 
 def test_claims_pair_seed_by_seed_and_take_the_seed_spread_as_noise_when_larger():
     done = {
-        "big_s0": {"RA": 0.60},
-        "big_s1": {"RA": 0.70},  # fmt: skip
-        "small_s0": {"RA": 0.62},
-        "small_s1": {"RA": 0.62},  # fmt: skip
-        "ref": {"RA": 0.99},
+        "big_s0": {"RA": 0.60, "TA": 0.9},
+        "big_s1": {"RA": 0.70, "TA": 0.8},
+        "small_s0": {"RA": 0.62, "TA": 0.9},
+        "small_s1": {"RA": 0.62, "TA": 0.9},
+        "ref": {"RA": 0.99, "TA": 0.99},
     }
     claims = [
         Claim("seeded", "big_s{seed}", "small_s{seed}", ">"),
@@ -46,6 +46,6 @@ def test_claims_pair_seed_by_seed_and_take_the_seed_spread_as_noise_when_larger(
     assert len(rows) == 2, "a claim without its rows is left out"
     seeded = rows[0].split(" | ")
     # per seed: -2.0 / +8.0, mean +3.0; the binomial noise on 10^6 images is tiny, the seed spread (10) decides
-    assert seeded[3:7] == ["-2.0 / +8.0", "+3.00", "10.0", "not reproduced |"]
+    assert seeded[3:8] == ["-2.0 / +8.0", "+3.00", "10.0", "not reproduced", "-5.00 |"]
     single = rows[1].split(" | ")
-    assert single[3] == "-39.0" and single[6] == "reproduced |", "a run without seeds pairs with seed 0 only"
+    assert single[3] == "-39.0" and single[6] == "reproduced", "a run without seeds pairs with seed 0 only"
