@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.runs import Claim, claims_table, noise_points, verdict
+from bench.runs import Claim, certified_claim, claims_table, noise_points, verdict
 
 
 def test_noise_is_twice_the_unpaired_standard_error():
@@ -49,3 +49,28 @@ def test_claims_pair_seed_by_seed_and_take_the_seed_spread_as_noise_when_larger(
     assert seeded[3:8] == ["-2.0 / +8.0", "+3.00", "10.0", "not reproduced", "-5.00 |"]
     single = rows[1].split(" | ")
     assert single[3] == "-39.0" and single[6] == "reproduced", "a run without seeds pairs with seed 0 only"
+
+
+def _cert(accs: list[float], n: int = 500) -> dict:
+    return {"n_examples": n, "certified_accuracy": {f"{0.05 * (i + 1):.2f}": p for i, p in enumerate(accs)}}
+
+
+def test_certified_claim_counts_the_radii_beyond_noise_each_way():
+    # 500 images: at 0.5 vs 0.5 the noise is 200 * sqrt(0.5 / 500) = 6.3 points
+    same = _cert([0.5, 0.4, 0.3])
+    row = certified_claim("N = 20 > N = 2", _cert([0.6, 0.42, 0.2]), same, ">").split(" | ")
+    assert row[2:5] == ["+10.0 / +2.0 / -10.0", "6.3", "1 / 1 / 1"]
+    assert row[5] == "not reproduced |", "mixed signs beyond noise are not a reproduction"
+    assert certified_claim("c", _cert([0.6, 0.5, 0.4]), same, ">").endswith("| reproduced |")
+    assert certified_claim("c", _cert([0.4, 0.3, 0.3]), same, ">").endswith("| contradicted |")
+    assert certified_claim("c", _cert([0.52, 0.38, 0.3]), same, ">").endswith("| not reproduced |")
+    assert certified_claim("c", _cert([0.52, 0.38, 0.3]), same, "≈").endswith("| reproduced |")
+    assert certified_claim("c", _cert([0.4, 0.3, 0.3]), same, "≈").endswith("| not reproduced |")
+
+
+def test_certified_claim_waits_for_both_certifications_and_reads_the_smaller_count():
+    assert certified_claim("c", _cert([0.5]), None, ">") is None
+    # on 50 images the same +10 points lies within noise (200 * sqrt(0.5 / 50) = 20)
+    assert certified_claim("c", _cert([0.6], n=50), _cert([0.5]), ">").endswith(
+        "| 0 / 1 / 0 | not reproduced |"
+    )
