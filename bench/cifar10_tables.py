@@ -57,7 +57,7 @@ from bench.runs import (
 )
 from bench.runs import Row as _Row
 from dat_ds.data.shards import has_index
-from dat_ds.run_folder import CERTIFY_JSON, CERTIFY_TSV, RunFolder
+from dat_ds.run_folder import CERTIFY_JSON, CERTIFY_TSV, PSEUDO_LABEL_JSON, RunFolder
 
 RECIPE = REPO / "recipes" / "cifar10_cpu_tables.toml"
 DATA = REPO / "data"
@@ -483,7 +483,7 @@ def _why(done: dict) -> str:
             "trust ratio cannot make up for those steps in 4 epochs. The paper trains ImageNet ResNet-50 for about "
             "30 epochs at 6 × 512, where LAMB-style LRs are known to matter more."
         )
-    pl = DATA / "cifar10_pseudo" / "pseudo_label.json"
+    pl = DATA / "cifar10_pseudo" / PSEUDO_LABEL_JSON
     if "semi_pooled" in done and "semi_labeled" in done and pl.is_file():
         acc = json.loads(pl.read_text()).get("accuracy_vs_heldout_labels")
         ref = done.get("pgd_8b_sgd_s0")
