@@ -52,6 +52,7 @@ from bench.runs import (
     certified_claim,
     claims_table,
     ds_cmd,
+    noise_points,
     pct,
     row_summary,
 )
@@ -469,8 +470,8 @@ def _why(done: dict) -> str:
     t1 = [done[r.key] for r in rows() if 1 in r.tables and r.key in done]
     if t1:
         tas, ras = [100 * s["TA"] for s in t1], [100 * s["RA"] for s in t1]
-        big = next((s for k, s in done.items() if k.startswith("pgd_8b_sgd_s")), None)
-        small = done.get("at_b_s0")
+        big, small = done.get("pgd_8b_sgd_s0"), done.get("at_b_s0")
+        noise = noise_points(sum(ras) / len(ras) / 100, sum(ras) / len(ras) / 100, EVAL_N)
         steps = (
             f" ({big['steps']} optimizer steps at 8B against {small['steps']} at B)" if big and small else ""
         )
@@ -479,8 +480,8 @@ def _why(done: dict) -> str:
             f"{min(tas):.1f}–{max(tas):.1f} %; published CIFAR-10 AT reaches about 80 % after 100 or more epochs). "
             f"At the official unscaled LR the large batch takes 8 times fewer steps of the same size{steps}, so its "
             "deficit here is mostly steps it never took, seen first in the clean accuracy; the robust accuracies span "
-            f"only {min(ras):.1f}–{max(ras):.1f} % at this budget, against about 4 points of noise. A layer-wise "
-            "trust ratio cannot make up for those steps in 4 epochs. The paper trains ImageNet ResNet-50 for about "
+            f"only {min(ras):.1f}–{max(ras):.1f} % at this budget, against about {noise:.0f} points of noise. A "
+            f"layer-wise trust ratio cannot make up for those steps in {EPOCHS} epochs. The paper trains ImageNet ResNet-50 for about "
             "30 epochs at 6 × 512, where LAMB-style LRs are known to matter more."
         )
     pl = DATA / "cifar10_pseudo" / PSEUDO_LABEL_JSON
@@ -495,8 +496,8 @@ def _why(done: dict) -> str:
             f"the same {SEMI_STEPS} or so steps of {8 * B} the 4,000-label run sees each image about "
             f"{SEMI_STEPS * 8 * B / 4000:.0f} times and is hardly data-starved: "
             f"all 45,000 true labels add {gap} RA points over the 4,000, about the most 41,000 images with weaker "
-            "labels could be expected to add at this budget. The paper's semi-supervised gains come from long training on 500,000 extra images labelled by "
-            "a far better model."
+            "labels could be expected to add at this budget. The paper's semi-supervised gains come from long "
+            "training on 500,000 extra images labelled by a far better model."
         )]  # fmt: skip
     if len(out) == 2:
         return ""

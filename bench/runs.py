@@ -195,34 +195,30 @@ def claims_table(claims: list[Claim], done: dict, n: int) -> str:
 
 def certified_claim(text: str, a: dict, b: dict, expect: str) -> str | None:
     """A claim about certified accuracy as one markdown row: ``a`` and ``b`` are two certifications' reports
-    (``certified_accuracy.json``: ``certified_accuracy`` by radius, ``n_examples``) of the same test images. At each
-    radius the difference a − b is set against ``noise_points``; the verdict counts the radii where it lies beyond
-    noise either way: reproduced when some radii show the expected sign and none the other, contradicted when only
-    the other sign shows, not reproduced when every radius is within noise or the signs are mixed. None when either
+    (``certify.json``: ``certified_accuracy`` by radius, ``n_examples``) of the same test images. At each radius
+    the difference a − b is set against ``noise_points``; the verdict counts the radii where it lies beyond noise
+    either way: reproduced when some radii show the expected sign and none the other (for a claimed tie: none
+    beyond noise), contradicted when only the other sign shows, not reproduced otherwise. None when either
     certification has not run yet."""
     if not a or not b:
         return None
     n = min(a["n_examples"], b["n_examples"])
-    radii = [r for r in a["certified_accuracy"] if r in b["certified_accuracy"]]
-    deltas, above, below = [], 0, 0
-    for r in radii:
-        pa, pb = a["certified_accuracy"][r], b["certified_accuracy"][r]
-        d, noise = 100 * (pa - pb), noise_points(pa, pb, n)
-        deltas.append(d)
-        above += d > noise
-        below += d < -noise
+    pairs = [(a["certified_accuracy"][r], b["certified_accuracy"][r]) for r in a["certified_accuracy"]
+             if r in b["certified_accuracy"]]  # fmt: skip
+    deltas = [100 * (pa - pb) for pa, pb in pairs]
+    noises = [noise_points(pa, pb, n) for pa, pb in pairs]
+    above = sum(d > e for d, e in zip(deltas, noises, strict=True))
+    below = sum(d < -e for d, e in zip(deltas, noises, strict=True))
     if expect == "≈":
-        seen = "≈" if not above and not below else "not ≈"
-        result = "reproduced" if seen == "≈" else "not reproduced"
+        result = "reproduced" if not above and not below else "not reproduced"
     else:
         want, other = (above, below) if expect == ">" else (below, above)
         result = (
             "reproduced" if want and not other else "contradicted" if other and not want else "not reproduced"
         )
-    worst = max(noise_points(a["certified_accuracy"][r], b["certified_accuracy"][r], n) for r in radii)
     return (
-        f"| {text} | {expect} | {' / '.join(f'{d:+.1f}' for d in deltas)} | {worst:.1f} | "
-        f"{above} / {len(radii) - above - below} / {below} | {result} |"
+        f"| {text} | {expect} | {' / '.join(f'{d:+.1f}' for d in deltas)} | {max(noises):.1f} | "
+        f"{above} / {len(deltas) - above - below} / {below} | {result} |"
     )
 
 
