@@ -43,6 +43,9 @@ import json
 import time
 from pathlib import Path
 
+from timm import create_model
+
+import dat_ds.models  # noqa: F401 (registers the CIFAR models with timm)
 from bench.runs import (
     BIN,
     CERTIFIED_CLAIMS_HEAD,
@@ -332,6 +335,10 @@ CLAIMS = [
           "at_b_s{seed}", "≈"),
     Claim("dat-ds: 8-bit two-sided aggregation with dat-ds's quantizer keeps it", "pgd_8b_lalr_8-2s-ps-block",
           "pgd_8b_lalr_32-ps", "≈"),
+    Claim("dat-ds: 4-bit two-sided aggregation with dat-ds's quantizer keeps it", "pgd_8b_lalr_4-2s-ps-block",
+          "pgd_8b_lalr_32-ps", "≈"),
+    Claim("dat-ds: at 4 bits two-sided, dat-ds's quantizer is more robust than the paper's",
+          "pgd_8b_lalr_4-2s-ps-block", "pgd_8b_lalr_4-2s-ps-qsgd", ">"),
 ]  # fmt: skip
 
 
@@ -484,6 +491,19 @@ def _why(done: dict) -> str:
             f"layer-wise trust ratio cannot make up for those steps in {EPOCHS} epochs. The paper trains ImageNet ResNet-50 for about "
             "30 epochs at 6 × 512, where LAMB-style LRs are known to matter more."
         )
+    q4, b4, full = (done.get(f"pgd_8b_lalr_{k}") for k in ("4-2s-ps-qsgd", "4-2s-ps-block", "32-ps"))
+    if q4 and b4 and full:
+        largest = max(p.numel() for p in create_model("preact_resnet18_w16", num_classes=10).parameters())
+        d = {k: f"{100 * (s['TA'] - full['TA']):+.1f} TA and {100 * (s['RA'] - full['RA']):+.1f} RA"
+             for k, s in (("q", q4), ("b", b4))}  # fmt: skip
+        out += ["", (
+            f"Table 4: against 32 bits, 4-bit two-sided aggregation moved the accuracies by {d['q']} points with the "
+            f"paper's quantizer and by {d['b']} with dat-ds's. The paper's quantizer scales a whole gradient tensor by its l2 norm, so at "
+            "4 bits most entries round stochastically to 0 or to one level, and the variance this adds grows with "
+            f"the tensor's size (Alistarh et al.'s QSGD bound); this model's largest tensor holds {largest:,} values, "
+            "ResNet-50's 2.4M, so at the paper's scale the gap between the two quantizers would be expected to "
+            "widen, not close (not measured here). The paper reports 8 bits and above, where both held."
+        )]  # fmt: skip
     pl = DATA / "cifar10_pseudo" / PSEUDO_LABEL_JSON
     if "semi_pooled" in done and "semi_labeled" in done and pl.is_file():
         acc = json.loads(pl.read_text()).get("accuracy_vs_heldout_labels")
