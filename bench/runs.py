@@ -193,17 +193,18 @@ def claims_table(claims: list[Claim], done: dict, n: int) -> str:
     return "\n".join(lines)
 
 
-def certified_claim(text: str, a: dict, b: dict, expect: str) -> str | None:
+def certified_claim(text: str, a: dict, b: dict, expect: str, radii: list[str] | None = None) -> str | None:
     """A claim about certified accuracy as one markdown row: ``a`` and ``b`` are two certifications' reports
     (``certify.json``: ``certified_accuracy`` by radius, ``n_examples``) of the same test images. At each radius
     the difference a − b is set against ``noise_points``; the verdict counts the radii where it lies beyond noise
     either way: reproduced when some radii show the expected sign and none the other (for a claimed tie: none
     beyond noise), contradicted when only the other sign shows, not reproduced otherwise. None when either
-    certification has not run yet."""
+    certification has not run yet. ``radii``: the radii (keys of ``certified_accuracy``) to judge; all shared
+    ones when None."""
     if not a or not b:
         return None
     n = min(a["n_examples"], b["n_examples"])
-    pairs = [(a["certified_accuracy"][r], b["certified_accuracy"][r]) for r in a["certified_accuracy"]
+    pairs = [(a["certified_accuracy"][r], b["certified_accuracy"][r]) for r in radii or a["certified_accuracy"]
              if r in b["certified_accuracy"]]  # fmt: skip
     deltas = [100 * (pa - pb) for pa, pb in pairs]
     noises = [noise_points(pa, pb, n) for pa, pb in pairs]

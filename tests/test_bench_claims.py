@@ -74,3 +74,10 @@ def test_certified_claim_waits_for_both_certifications_and_reads_the_smaller_cou
     assert certified_claim("c", _cert([0.6], n=50), _cert([0.5]), ">").endswith(
         "| 0 / 1 / 0 | not reproduced |"
     )
+
+
+def test_certified_claim_judges_only_the_radii_it_is_given():
+    # the mixed-sign pair above, judged at 0.05 and 0.10 only: the -10 at 0.15 no longer counts
+    row = certified_claim("c", _cert([0.6, 0.42, 0.2]), _cert([0.5, 0.4, 0.3]), ">", ["0.05", "0.10"])
+    assert row.split(" | ")[2:5] == ["+10.0 / +2.0", "6.3", "1 / 1 / 0"]
+    assert row.endswith("| reproduced |")
