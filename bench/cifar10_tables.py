@@ -546,7 +546,7 @@ def _table2(a) -> str:
     claims = [c for c in claims if c]
     if claims:
         lines += ["", *CERTIFIED_CLAIMS_HEAD, *claims, "",
-                  "The differences are at the table's radii, 0.05 to 0.50. Each is set against twice its unpaired standard error on the certified images "
+                  f"The differences are at the table's radii, {RADII[0]} to {RADII[-1]}. Each is set against twice its unpaired standard error on the certified images "
                   "(noise as in Table 1's claims); reproduced when some radii show the claimed sign beyond noise and "
                   "none the other."]  # fmt: skip
     return "\n".join(lines)

@@ -205,7 +205,7 @@ def certified_claim(text: str, a: dict, b: dict, expect: str, radii: list[str] |
         return None
     n = min(a["n_examples"], b["n_examples"])
     pairs = [(a["certified_accuracy"][r], b["certified_accuracy"][r]) for r in radii or a["certified_accuracy"]
-             if r in b["certified_accuracy"]]  # fmt: skip
+             if r in a["certified_accuracy"] and r in b["certified_accuracy"]]  # fmt: skip
     deltas = [100 * (pa - pb) for pa, pb in pairs]
     noises = [noise_points(pa, pb, n) for pa, pb in pairs]
     above = sum(d > e for d, e in zip(deltas, noises, strict=True))
