@@ -41,7 +41,7 @@ from .run_folder import (
     atomic_write,
     atomic_write_json,
 )
-from .smoothing import ABSTAIN, certify_counts, predict_counts, sample_counts
+from .smoothing import ABSTAIN, certify_counts, max_certifiable_radius, predict_counts, sample_counts
 from .stage import Stage, file_sha256, stage_device
 
 RADII = [round(0.05 * i, 2) for i in range(21)]  # 0, 0.05, ..., 1.0
@@ -151,6 +151,7 @@ def run_certification(a) -> dict | None:
                 "world_size": stage.world,
                 "certified_accuracy": certified_accuracy(radius, correct),
                 "abstain_rate": float((predict == ABSTAIN).mean()),
+                "max_certifiable_radius": max_certifiable_radius(a.sigma, a.n, a.alpha),
                 "seconds_per_example": float(np.mean(cols["time"])),
                 "certify_time_s_this_process": stage.seconds(),
             }
@@ -258,6 +259,7 @@ def _main(argv: list[str] | None = None) -> int:
             f"certified accuracy (σ = {a.sigma:g}, n = {a.n}, {report['n_examples']} examples): "
             + "  ".join(f"r={r}: {100 * ca[r]:.1f}" for r in ("0.00", "0.25", "0.50", "0.75", "1.00"))
             + f" | abstain {100 * report['abstain_rate']:.1f} % | {report['seconds_per_example']:.3f} s/example"
+            + f" | no radius beyond {report['max_certifiable_radius']:.2f} can certify with n = {a.n} (raise --N)"
         )
     return 0
 

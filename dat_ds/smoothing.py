@@ -67,6 +67,15 @@ def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
     return 0.0 if k == 0 else float(beta.ppf(alpha, k, n - k + 1))
 
 
+def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius CERTIFY can return with n estimation draws at level alpha: the one it returns when all n
+    draws vote for the top class, whose Clopper-Pearson lower bound is alpha ** (1 / n). Radii beyond it certify
+    nothing, whatever the model; only a larger n reaches them."""
+    from statistics import NormalDist
+
+    return sigma * NormalDist().inv_cdf(alpha ** (1 / n))
+
+
 def certify_counts(
     counts0: np.ndarray, counts: np.ndarray, n: int, sigma: float, alpha: float
 ) -> tuple[int, float]:

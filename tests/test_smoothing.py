@@ -16,6 +16,7 @@ from dat_ds.smoothing import (
     ABSTAIN,
     certify_counts,
     lower_confidence_bound,
+    max_certifiable_radius,
     predict_counts,
     sample_counts,
 )
@@ -42,6 +43,22 @@ def test_clopper_pearson_against_closed_forms():
     # the bound is below the estimate and tightens with n
     lows = [lower_confidence_bound(int(0.8 * n), n, 0.001) for n in (100, 1000, 100_000)]
     assert lows[0] < lows[1] < lows[2] < 0.8 and lows[2] > 0.795
+
+
+def test_no_certified_radius_exceeds_the_ceiling_and_unanimous_votes_reach_it():
+    """CERTIFY's largest radius is the one of n unanimous votes; the ceiling (computed without scipy) must equal it,
+    bound every other vote count, and grow with n (Cohen's n = 100,000 reaches about 0.46 at sigma = 0.12, 10,000
+    about 0.38)."""
+    for sigma, n in ((0.12, 10_000), (0.25, 10_000), (0.5, 1_000), (0.12, 100_000)):
+        ceiling = max_certifiable_radius(sigma, n, 0.001)
+        votes = np.zeros(10, dtype=np.int64)
+        votes[3] = n
+        assert certify_counts(votes, votes, n, sigma, 0.001) == (3, pytest.approx(ceiling, rel=1e-6))
+        votes[3], votes[5] = n - 1, 1
+        c, r = certify_counts(votes, votes, n, sigma, 0.001)
+        assert c == 3 and 0 < r < ceiling
+    assert max_certifiable_radius(0.12, 10_000, 0.001) == pytest.approx(0.383, abs=1e-3)
+    assert max_certifiable_radius(0.12, 100_000, 0.001) == pytest.approx(0.457, abs=1e-3)
 
 
 def test_certified_radius_matches_the_linear_closed_form():
@@ -174,6 +191,10 @@ def test_certification_is_the_same_on_one_and_two_ranks_and_resumes(tmp_path, la
     correct = np.array([int(x[4]) for x in rows[1:]])
     assert rep["certified_accuracy"]["0.00"] == pytest.approx(((radius >= 0) & (correct == 1)).mean())
     assert rep["certified_accuracy"]["0.25"] == pytest.approx(((radius >= 0.25) & (correct == 1)).mean())
+    # n = 200 at sigma = 0.25 cannot certify past about 0.46: the report says so and no radius exceeds it
+    assert (
+        0.44 < rep["max_certifiable_radius"] < 0.47 and radius.max() <= rep["max_certifiable_radius"] + 1e-9
+    )
     assert (one / "certified_accuracy.png").stat().st_size > 1000
     from dat_ds.report import certified_rows, certified_table
 
