@@ -458,6 +458,19 @@ judged radius by radius below its table.
 
 {_why(a, done)}
 
+## Commands
+
+```
+make cifar10                                       # shards from ../shared/data/cifar10-jpeg.tar.gz, sha256 checked
+python -m bench.cifar10_tables                     # every stage not yet done; --tables picks the phases
+python -m bench.cifar10_tables --report-only       # this page and its plot from the finished stages
+```
+
+Each stage's exact deepspeed launcher command precedes its output in the study folder's `study.log` (`--out`,
+by default `runs/cifar10_tables`; lines starting `$`); every run folder keeps its resolved recipe (`recipe.json`).
+An interrupted stage resumes: training from its last epoch checkpoint (`--resume auto`), evaluation and
+certification from their finished chunks.
+
 ## Stage times (s)
 
 | stage | seconds |
