@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -461,9 +462,7 @@ judged radius by radius below its table.
 ## Commands
 
 ```
-make cifar10                                       # shards from ../shared/data/cifar10-jpeg.tar.gz, sha256 checked
-python -m bench.cifar10_tables                     # every stage not yet done; --tables picks the phases
-python -m bench.cifar10_tables --report-only       # this page and its plot from the finished stages
+{textwrap.dedent(__doc__.split(chr(10) + chr(10), 2)[1])}
 ```
 
 Each stage's exact deepspeed launcher command precedes its output in the study folder's `study.log` (`--out`,
@@ -562,9 +561,8 @@ def _why_table2(a) -> str:
     )
     clean = [100 * c["certified_accuracy"]["0.00"] for c in reports.values()]
     times = json.loads((a.out / "times.json").read_text())
-    cost = [times[f"train_{smooth_key(s, 20, 'images')}"] / times[f"train_{smooth_key(s, 2, 'images')}"]
-            for s in sigmas if f"train_{smooth_key(s, 20, 'images')}" in times
-            and f"train_{smooth_key(s, 2, 'images')}" in times]  # fmt: skip
+    stages = [(f"train_{smooth_key(s, 20, 'images')}", f"train_{smooth_key(s, 2, 'images')}") for s in sigmas]
+    cost = sorted(times[k20] / times[k2] for k20, k2 in stages if k20 in times and k2 in times)
     text = (
         f"Table 2: CERTIFY cannot return a radius beyond σ·Φ⁻¹(α^(1/n)), the radius of a test image whose "
         f"{c0['n']:,} noisy copies all vote for its class: with n = {c0['n']:,} and α = {c0['alpha']:g} that is "
@@ -576,12 +574,8 @@ def _why_table2(a) -> str:
         "may change as training converges; that was not measured here."
     )
     if cost:
-        text += (
-            f" At the same steps N = 20 took {min(cost):.1f}–{max(cost):.1f} times N = 2's training time"
-            if len(cost) > 1
-            else f" At the same steps N = 20 took {cost[0]:.1f} times N = 2's training time"
-        )
-        text += "; the pairs row gives N = 20 only N = 2's compute."
+        span = "–".join(dict.fromkeys(f"{c:.1f}" for c in (cost[0], cost[-1])))
+        text += f" At the same steps N = 20 took {span} times N = 2's training time; the pairs row gives N = 20 only N = 2's compute."
     return text
 
 
