@@ -207,15 +207,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tables", default="1,2,3,4,aa,seeds",
                    help="phases in this order: 1 (Table 1, seed 0), 2, 3, 4, aa (AutoAttack), seeds (second seeds)")  # fmt: skip
     a = p.parse_args(argv)
+    unknown = [t.strip() for t in a.tables.split(",") if t.strip() not in PHASES]
+    if unknown:
+        p.error(f"--tables: unknown phase(s) {', '.join(unknown)}; choose from {', '.join(PHASES)}")
     study = Stages(a.out)
     if not a.report_only:
         if not has_index(DATA / "cifar10_val"):
             raise SystemExit("data/cifar10_val is missing: run make cifar10 first")
         for t in a.tables.split(","):
             phase = t.strip()
-            {"1": table1, "4": table1, "2": table2, "3": table3, "aa": autoattack, "seeds": table1}[phase](
-                a, study, {"aa": 0, "seeds": 5}.get(phase) or int(phase)
-            )
+            stage, t = PHASES[phase]
+            stage(a, study, t)
             write_report(a, study.times)
     write_report(a, study.times)
 
@@ -309,6 +311,11 @@ def table3(a, study: Stages, t: int) -> None:
         _train(a, study, key, o, 2, port)
         _evaluate(a, study, key, False, port + 1)
         write_report(a, study.times)
+
+
+# --tables: each phase's stage function and its argument (Table 1's seed 0, Table 4, the second seeds share one)
+PHASES = {"1": (table1, 1), "2": (table2, 2), "3": (table3, 3), "4": (table1, 4), "aa": (autoattack, 0),
+          "seeds": (table1, 5)}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- report
