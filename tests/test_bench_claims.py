@@ -81,3 +81,24 @@ def test_certified_claim_judges_only_the_radii_it_is_given():
     row = certified_claim("c", _cert([0.6, 0.42, 0.2]), _cert([0.5, 0.4, 0.3]), ">", ["0.05", "0.10"])
     assert row.split(" | ")[2:5] == ["+10.0 / +2.0", "6.3", "1 / 1 / 0"]
     assert row.endswith("| reproduced |")
+
+
+def test_the_cifar10_study_runs_every_phase_it_names_and_refuses_unknown_ones_first(monkeypatch, tmp_path):
+    """--tables dispatches each phase to its stage (``aa``'s argument 0 once fell through to int("aa")); a typo stops
+    before any stage runs."""
+    import bench.cifar10_tables as study
+
+    calls = []
+    fake = {k: ((lambda a, s, t, k=k: calls.append((k, t))), t) for k, (_, t) in study.PHASES.items()}
+    monkeypatch.setattr(study, "PHASES", fake)
+    monkeypatch.setattr(study, "has_index", lambda path: True)
+    monkeypatch.setattr(study, "write_report", lambda a, times: None)
+    study.main(["--out", str(tmp_path), "--tables", "aa, seeds,1"])
+    assert calls == [("aa", 0), ("seeds", 5), ("1", 1)]
+    calls.clear()
+    study.main(["--out", str(tmp_path)])  # the default runs every phase, in the order the help gives
+    assert [k for k, _ in calls] == ["1", "2", "3", "4", "aa", "seeds"]
+    calls.clear()
+    with pytest.raises(SystemExit):
+        study.main(["--out", str(tmp_path), "--tables", "1,a"])
+    assert calls == []
