@@ -462,7 +462,7 @@ option (docs/fidelity.md).
 "at this scale": reproduced when the mean difference has the expected sign beyond its noise (or, for a claimed
 tie, is within it), contradicted when it is beyond noise the other way, not reproduced otherwise; noise as in
 docs/paper_tables.md (twice the unpaired standard error on 1,000 images, or the spread over seeds if larger). The
-verdict reads RA; the clean accuracy's difference (mean ΔTA) stands beside it. A claim
+verdict reads RA; the clean accuracy's difference (mean ΔTA) and AutoAttack's on seed 0 (ΔAA) stand beside it. A claim
 whose rows have not run yet is not listed. Table 2's claims (N = 20 noise samples certify more than N = 2) are
 judged radius by radius below its table.
 
@@ -513,6 +513,14 @@ def _why(a, done: dict) -> str:
             f"layer-wise trust ratio cannot make up for those steps in {EPOCHS} epochs. The paper trains ImageNet ResNet-50 for about "
             "30 epochs at 6 × 512, where LAMB-style LRs are known to matter more."
         )
+        aa = [(100 * s["RA"], 100 * s["AA"]) for s in t1 if s.get("AA") is not None]
+        if aa:
+            gaps = [ra - x for ra, x in aa]
+            out[-1] += (
+                f" AutoAttack found {min(gaps):.1f}–{max(gaps):.1f} points fewer robust images than PGD-50 × 5 on the "
+                f"{len(aa)} rows it ran (AA {min(x for _, x in aa):.1f}–{max(x for _, x in aa):.1f} %); the rows' "
+                "differences under AutoAttack (seed 0) stand beside RA's in the claims table."
+            )
     q4, b4, full = (done.get(f"pgd_8b_lalr_{k}") for k in ("4-2s-ps-qsgd", "4-2s-ps-block", "32-ps"))
     if q4 and b4 and full:
         largest = max(p.numel() for p in create_model("preact_resnet18_w16", num_classes=10).parameters())

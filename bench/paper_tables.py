@@ -196,7 +196,7 @@ CLAIMS_NOTE = """"at this scale": reproduced when the mean difference has the ex
 tie, is within it), contradicted when it is beyond noise the other way, not reproduced otherwise. Noise: twice the
 standard error of a difference of two accuracies on 1,000 images taken as independent (about 4 points near 70 %;
 conservative for a paired comparison on the same images), or the spread of the difference over seeds if larger.
-The verdict reads RA (PGD-50 x 5); the clean accuracy's difference stands beside it.
+The verdict reads RA (PGD-50 x 5); the clean accuracy's difference and AutoAttack's (seed 0) stand beside it.
 
 Why this may differ at the paper's scale: 2 epochs of a small CNN on MNIST, where 8B = 512 leaves 234 optimizer
 steps. At the official unscaled LR the large batch takes 8 times fewer steps of the same size, so its loss here is

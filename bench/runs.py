@@ -167,11 +167,11 @@ def verdict(delta: float, noise: float, expect: str) -> str:
 def claims_table(claims: list[Claim], done: dict, n: int) -> str:
     """The claims as a markdown table from the finished rows' summaries (``row_summary``); a claim whose rows have
     not run yet is left out. The verdict reads RA (the claims are about robustness); the clean accuracy's difference
-    stands beside it. The noise of a comparison is the larger of ``noise_points`` and the spread of its
-    difference over seeds."""
+    stands beside it, and AutoAttack's on seed 0 where both rows carry it. The noise of a comparison is the larger
+    of ``noise_points`` and the spread of its difference over seeds."""
     lines = [
-        "| the paper's claim (or dat-ds's) | comparison (a − b) | expected | ΔRA per seed (points) | mean ΔRA | noise (points) | at this scale | mean ΔTA |",
-        "|---|---|---|---|---|---|---|---|",
+        "| the paper's claim (or dat-ds's) | comparison (a − b) | expected | ΔRA per seed (points) | mean ΔRA | noise (points) | at this scale | mean ΔTA | ΔAA, seed 0 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in claims:
         ds, ta, noise = [], [], 0.0
@@ -185,10 +185,16 @@ def claims_table(claims: list[Claim], done: dict, n: int) -> str:
             continue
         mean = sum(ds) / len(ds)
         noise = max(noise, max(ds) - min(ds))
+        x, y = done.get(c.a.format(seed=0)) or {}, done.get(c.b.format(seed=0)) or {}
+        aa = (
+            f"{100 * (x['AA'] - y['AA']):+.1f}"
+            if x.get("AA") is not None and y.get("AA") is not None
+            else "–"
+        )
         lines.append(
             f"| {c.text} | {c.a.format(seed='*')} − {c.b.format(seed='*')} | {c.expect} | "
             f"{' / '.join(f'{d:+.1f}' for d in ds)} | {mean:+.2f} | {noise:.1f} | {verdict(mean, noise, c.expect)} | "
-            f"{sum(ta) / len(ta):+.2f} |"
+            f"{sum(ta) / len(ta):+.2f} | {aa} |"
         )
     return "\n".join(lines)
 

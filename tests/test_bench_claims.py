@@ -31,9 +31,9 @@ def test_verdicts(delta, expect, want):
 
 def test_claims_pair_seed_by_seed_and_take_the_seed_spread_as_noise_when_larger():
     done = {
-        "big_s0": {"RA": 0.60, "TA": 0.9},
-        "big_s1": {"RA": 0.70, "TA": 0.8},
-        "small_s0": {"RA": 0.62, "TA": 0.9},
+        "big_s0": {"RA": 0.60, "TA": 0.9, "AA": 0.55},
+        "big_s1": {"RA": 0.70, "TA": 0.8, "AA": 0.66},
+        "small_s0": {"RA": 0.62, "TA": 0.9, "AA": 0.58},
         "small_s1": {"RA": 0.62, "TA": 0.9},
         "ref": {"RA": 0.99, "TA": 0.99},
     }
@@ -46,9 +46,12 @@ def test_claims_pair_seed_by_seed_and_take_the_seed_spread_as_noise_when_larger(
     assert len(rows) == 2, "a claim without its rows is left out"
     seeded = rows[0].split(" | ")
     # per seed: -2.0 / +8.0, mean +3.0; the binomial noise on 10^6 images is tiny, the seed spread (10) decides
-    assert seeded[3:8] == ["-2.0 / +8.0", "+3.00", "10.0", "not reproduced", "-5.00 |"]
+    assert seeded[3:9] == ["-2.0 / +8.0", "+3.00", "10.0", "not reproduced", "-5.00", "-3.0 |"], (
+        "AA: seed 0's"
+    )
     single = rows[1].split(" | ")
     assert single[3] == "-39.0" and single[6] == "reproduced", "a run without seeds pairs with seed 0 only"
+    assert single[8] == "– |", "no AutoAttack on the reference: no ΔAA"
 
 
 def _cert(accs: list[float], n: int = 500) -> dict:
