@@ -209,17 +209,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tables", default="1,2,3,4,aa,seeds",
                    help="phases in this order: 1 (Table 1, seed 0), 2, 3, 4, aa (AutoAttack), seeds (second seeds)")  # fmt: skip
     a = p.parse_args(argv)
-    unknown = [t.strip() for t in a.tables.split(",") if t.strip() not in PHASES]
-    if unknown:
+    phases = [t.strip() for t in a.tables.split(",")]
+    if unknown := [t for t in phases if t not in PHASES]:
         p.error(f"--tables: unknown phase(s) {', '.join(unknown)}; choose from {', '.join(PHASES)}")
     study = Stages(a.out)
     if not a.report_only:
         if not has_index(DATA / "cifar10_val"):
             raise SystemExit("data/cifar10_val is missing: run make cifar10 first")
-        for t in a.tables.split(","):
-            phase = t.strip()
-            stage, t = PHASES[phase]
-            stage(a, study, t)
+        for phase in phases:
+            stage, arg = PHASES[phase]
+            stage(a, study, arg)
             write_report(a, study.times)
     write_report(a, study.times)
 
@@ -597,11 +596,11 @@ def _why_table2(a) -> str:
         if u == "pairs" and (s, n, u) in reports and (s, 2, "images") in reports:
             cp, c2 = reports[(s, n, u)]["certified_accuracy"], reports[(s, 2, "images")]["certified_accuracy"]
             d = [100 * (cp[r] - c2[r]) for r in RADII]
-            seen = SMOOTH_EPOCHS * STEPS_PER_EPOCH * (PAIRS_BATCH // n)
+            steps = SMOOTH_EPOCHS * STEPS_PER_EPOCH
+            seen = steps * (PAIRS_BATCH // n)
             text += (
                 f" At that compute (σ = {s}) each step holds {PAIRS_BATCH // n} images with their {n} noisy copies, so "
-                f"its {SMOOTH_EPOCHS * STEPS_PER_EPOCH} steps saw {seen:,} images, against N = 2's "
-                f"{SMOOTH_EPOCHS * STEPS_PER_EPOCH * 8 * B:,} (about {seen / 45_000:.1f} of an epoch of 45,000), and it "
+                f"its {steps} steps saw {seen:,} images, against N = 2's {steps * 8 * B:,} (about {seen / 45_000:.1f} of an epoch of 45,000), and it "
                 f"certified {min(d):+.1f} to {max(d):+.1f} points against N = 2 across the radii."
             )
     return text
