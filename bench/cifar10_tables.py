@@ -15,10 +15,10 @@ Table 1: AT and Fast AT on one worker at B = 128 (SGD, lr 0.1); at 8B = 1,024 on
 the official unscaled lr 0.1, (b) SGD scaled linearly (0.8, dat-ds's option), (c) LALR (the official LAMB: lr 0.01
 unscaled, no bias correction, weight decay 1e-4 on every tensor, c_u = 10); DAT-FGSM (the official --fast loss) with
 (a) and (c). TA, RA under PGD-50 x 5 restarts and AA (AutoAttack, standard) on the same 1,000 test images
-(subset seed 0); C and T. A second seed for AT and the three DAT-PGD rows (TA and RA).
+(subset seed 0); C and T. A second seed for AT, the three DAT-PGD rows and DAT-FGSM with LALR (TA and RA).
 Table 4: DAT-PGD + LALR at 8B with the gradient average at 32 bits (ring all-reduce, and the sharded parameter
 server), then 16, 8, 8 two-sided and 4 two-sided bits with the paper's quantizer (qsgd), and 8 and 4 two-sided bits
-with dat-ds's (block): TA, RA, measured MB per iteration.
+with dat-ds's (block): TA, RA, measured MB per iteration; a second seed for the five rows the claims compare.
 
 Table 2: Gaussian-noise training (Cohen et al.) under DAT at sigma = 0.12 and 0.25 with N = 2 and N = 20 noisy copies
 of every image, and the compute-matched N = 20 (smoothing.batch_unit = "pairs": the N = 2 run's steps and cost),
@@ -28,12 +28,14 @@ Table 3 analogue: 4,000 labels (400 a class) of the 45,000 and the other 41,000 
 by a standard model trained on the 4,000 (30 epochs at B); DAT-PGD (SGD, 8B) on the labels alone, on the labels +
 the pseudo-labelled images pooled as the official code pools them, and on all 45,000 labels (Table 1's run): the same
 number of optimizer steps (about 172, 4 epochs of 45,000) and LR schedule in steps; TA and RA (PGD-50 x 5) on the same
-1,000 test images.
+1,000 test images; a second seed of the two runs (the same split and pseudo-labels).
 
 The budget (about 12 hours of this machine), fixed before any run: 4 epochs and PGD-3 in training (not the paper's
 PGD-10); AutoAttack on 4 rows (AT and the three DAT-PGD rows, seed 0), not the FGSM rows, whose PGD-50 x 5 already
 separates them; dat-ds's block codec at 8 and 4 two-sided bits only; the phases in the order of what the claims
-need first: Table 1's seed 0, Tables 2, 3 and 4, AutoAttack, then the second seeds (``--tables``).
+need first: Table 1's seed 0, Tables 2, 3 and 4, AutoAttack, then the second seeds (``--tables``). The second
+seeds beyond Table 1's four main rows (DAT-FGSM, Table 3, Table 4) were added after the first 11.2 hours, once every
+claim they decide had come out within noise at one seed; they take the study to about 13.5 hours.
 """
 
 from __future__ import annotations
@@ -82,17 +84,31 @@ def Row(*args, **kwargs) -> _Row:  # noqa: N802 (a Row with the micro-batch capp
     return _Row(*args, max_micro=256, **kwargs)
 
 
+# Table 1's four main rows were planned with two seeds and carry ``_s<seed>`` at both; the rows given a second seed
+# after the first round (the DAT-FGSM LALR row, Table 3's two runs, Table 4's compared rows) kept their seed-0 run
+# folder's unsuffixed name.
+SEEDED_FROM_START = ("at_b", "pgd_8b_sgd", "pgd_8b_sgdx8", "pgd_8b_lalr")
+# Table 4's rows that the claims compare, in the order their second seeds run (the paper's claim's pair first)
+TABLE4_SECOND_SEED = ("32-ps", "8-2s-ps-qsgd", "4-2s-ps-block", "4-2s-ps-qsgd", "8-2s-ps-block")
+
+
+def run_key(base: str, seed: int) -> str:
+    """The run folder of row ``base`` at ``seed`` (see ``SEEDED_FROM_START``)."""
+    return f"{base}_s{seed}" if seed or base in SEEDED_FROM_START else base
+
+
 def rows() -> list[Row]:
     out = []
     for seed in (0, 1):
         aa = seed == 0
         out += [
-            Row(f"at_b_s{seed}", "AT (1 worker, B)", 1, B, SGD_UNSCALED, seed, autoattack=aa),
-            Row(f"pgd_8b_sgd_s{seed}", "DAT-PGD 8B, SGD (lr 0.1, unscaled)", 2, 8 * B, SGD_UNSCALED, seed, autoattack=aa),
-            Row(f"pgd_8b_sgdx8_s{seed}", "DAT-PGD 8B, SGD (lr x 8, linear)", 2, 8 * B, SGD_SCALED, seed,
+            Row(run_key("at_b", seed), "AT (1 worker, B)", 1, B, SGD_UNSCALED, seed, autoattack=aa),
+            Row(run_key("pgd_8b_sgd", seed), "DAT-PGD 8B, SGD (lr 0.1, unscaled)", 2, 8 * B, SGD_UNSCALED, seed,
+                autoattack=aa),
+            Row(run_key("pgd_8b_sgdx8", seed), "DAT-PGD 8B, SGD (lr x 8, linear)", 2, 8 * B, SGD_SCALED, seed,
                 source="dat-ds", autoattack=aa),
-            Row(f"pgd_8b_lalr_s{seed}", "DAT-PGD 8B, LALR (official LAMB)", 2, 8 * B, LALR, seed,
-                (1, 4) if seed == 0 else (1,), autoattack=aa),
+            Row(run_key("pgd_8b_lalr", seed), "DAT-PGD 8B, LALR (official LAMB)", 2, 8 * B, LALR, seed, (1, 4),
+                autoattack=aa),
         ]  # fmt: skip
     out += [
         Row("fastat_b", "Fast AT (1 worker, B)", 1, B, SGD_UNSCALED + FGSM, autoattack=False),
@@ -104,8 +120,11 @@ def rows() -> list[Row]:
             SGD_UNSCALED + FGSM,
             autoattack=False,
         ),
-        Row("fgsm_8b_lalr", "DAT-FGSM 8B, LALR (official LAMB)", 2, 8 * B, LALR + FGSM, autoattack=False),
     ]
+    for seed in (0, 1):
+        out.append(Row(run_key("fgsm_8b_lalr", seed), "DAT-FGSM 8B, LALR (official LAMB)", 2, 8 * B, LALR + FGSM,
+                       seed, autoattack=False))  # fmt: skip
+    table4 = {}
     for bits, two, codec in ((32, False, "block"), (16, False, "qsgd"), (8, False, "qsgd"), (8, True, "qsgd"),
                              (4, True, "qsgd"), (8, True, "block"), (4, True, "block")):  # fmt: skip
         name = f"{bits}{'-2s' if two else ''}-ps" + (f"-{codec}" if bits < 32 else "")
@@ -115,14 +134,17 @@ def rows() -> list[Row]:
             'comm.topology="ps"',
             f'comm.codec="{codec}"',
         ]
-        out.append(Row(f"pgd_8b_lalr_{name}", f"DAT-PGD 8B, LALR, {name}", 2, 8 * B, LALR + comm, 0, (4,),
-                       "official" if codec == "qsgd" or bits == 32 else "dat-ds", False))  # fmt: skip
+        table4[name] = (
+            f"DAT-PGD 8B, LALR, {name}",
+            LALR + comm,
+            "official" if codec == "qsgd" or bits == 32 else "dat-ds",
+        )
+    for seed, names in ((0, list(table4)), (1, TABLE4_SECOND_SEED)):
+        for name in names:
+            label, overrides, source = table4[name]
+            out.append(Row(run_key(f"pgd_8b_lalr_{name}", seed), label, 2, 8 * B, overrides, seed, (4,), source,
+                           False))  # fmt: skip
     return out
-
-
-def _run_order(row: Row) -> tuple:
-    """Seed 0 of Table 1 first (the headline), then Table 4, then the second seeds."""
-    return (row.seed, 0 if 1 in row.tables else 1)
 
 
 # ------------------------------------------------------------------------------------------- Table 2 and 3
@@ -170,8 +192,8 @@ def smooth_overrides(sigma: float, n: int, unit: str) -> list[str]:
     return o + [f"train.global_batch_size={8 * B}", f"train.micro_batch_size={512 if n == 2 else 128}"]
 
 
-# (key, label, labeled set, pseudo-labelled set or None). The all-labels reference is Table 1's DAT-PGD 8B SGD
-# run (the same recipe, data, steps and seed), trained once.
+# (row, label, labeled set, pseudo-labelled set or None); a row's run folder is run_key(row, seed). The all-labels
+# reference is Table 1's DAT-PGD 8B SGD run (the same recipe, data, steps and seed), trained once.
 SEMI = [
     ("semi_labeled", "labeled only (4,000 labels)", "cifar10_l400", None),
     (
@@ -180,19 +202,19 @@ SEMI = [
         "cifar10_l400",
         "cifar10_pseudo",
     ),
-    ("pgd_8b_sgd_s0", "all 45,000 labels (reference; Table 1's DAT-PGD 8B, SGD row)", "cifar10_val", None),
+    ("pgd_8b_sgd", "all 45,000 labels (reference; Table 1's DAT-PGD 8B, SGD row)", "cifar10_val", None),
 ]
 SEMI_STEPS = EPOCHS * STEPS_PER_EPOCH  # 172: the all-labels run's steps, for every run
 
 
-def semi_overrides(labeled: str, pseudo: str | None) -> list[str]:
+def semi_overrides(labeled: str, pseudo: str | None, seed: int) -> list[str]:
     """The same optimizer steps (about 172) and the same LR schedule in steps for every Table 3 run: epochs of
     whatever the set holds, warm-up over 21.5 steps, LR / 10 at 75 % and 92.5 % of the steps."""
     count = {"cifar10_l400": 4000, "cifar10_val": 45_000}[labeled] + (41_000 if pseudo else 0)
     per_epoch = count // (8 * B)
     epochs = -(-SEMI_STEPS // per_epoch)
     cap = -(-SEMI_STEPS // epochs)
-    o = [f'data.shards="{DATA / labeled}"', *SGD_UNSCALED, f"train.global_batch_size={8 * B}",
+    o = [f'data.shards="{DATA / labeled}"', f"train.seed={seed}", *SGD_UNSCALED, f"train.global_batch_size={8 * B}",
          f"train.micro_batch_size={4 * B}", f"train.epochs={epochs}", f"train.max_steps_per_epoch={cap}",
          f"optim.warmup_epochs={0.5 * STEPS_PER_EPOCH / min(per_epoch, cap):.4f}",
          f"optim.milestones=[{0.75 * epochs:.4f}, {0.925 * epochs:.4f}]"]  # fmt: skip
@@ -250,17 +272,35 @@ def _row_overrides(row: Row) -> list[str]:
 
 
 def table1(a, study: Stages, t: int) -> None:
-    """t = 1: Table 1's seed-0 rows; 4: Table 4's own rows; 5: the second seeds. Training and PGD evaluation."""
-    port = {1: 28700, 4: 28760, 5: 28940}[t]
-    if t == 5:
-        chosen = [r for r in rows() if r.seed == 1]
-    else:
-        chosen = [r for r in rows() if r.seed == 0 and t in r.tables and (t == 1 or 1 not in r.tables)]
-    for row in sorted(chosen, key=_run_order):
+    """t = 1: Table 1's seed-0 rows; 4: Table 4's own rows (seed 0). Training and PGD evaluation."""
+    port = {1: 28700, 4: 28760}[t]
+    for row in rows():
+        if row.seed == 0 and t in row.tables and (t == 1 or 1 not in row.tables):
+            port += 2
+            _row(a, study, row, port)
+
+
+def _row(a, study: Stages, row: Row, port: int) -> None:
+    _train(a, study, row.key, _row_overrides(row), row.ranks, port)
+    _evaluate(a, study, row.key, False, port + 1)
+    write_report(a, study.times)
+
+
+def second_seeds(a, study: Stages, t: int) -> None:
+    """Seed 1: Table 1's rows, then Table 3's two runs (their all-labels reference is Table 1's seed-1 SGD row),
+    then Table 4's compared rows, in the order of what the claims need."""
+    port = 28940
+    later = [r for r in rows() if r.seed == 1]
+    for row in [r for r in later if 1 in r.tables]:
         port += 2
-        _train(a, study, row.key, _row_overrides(row), row.ranks, port)
-        _evaluate(a, study, row.key, False, port + 1)
-        write_report(a, study.times)
+        _row(a, study, row, port)
+    for base, _, labeled, pseudo in SEMI:
+        if base not in SEEDED_FROM_START:
+            port += 2
+            _semi(a, study, run_key(base, 1), semi_overrides(labeled, pseudo, 1), port)
+    for row in [r for r in later if 1 not in r.tables]:
+        port += 2
+        _row(a, study, row, port)
 
 
 def autoattack(a, study: Stages, t: int) -> None:
@@ -298,25 +338,24 @@ def table3(a, study: Stages, t: int) -> None:
               ds_cmd("dat_ds.pseudo_label", str(a.out / "semi_labeller"), str(DATA / "cifar10_u"),
                      str(DATA / "cifar10_pseudo"), port=28904))  # fmt: skip
     port = 28910
-    for key, _, labeled, pseudo in SEMI:
+    for base, _, labeled, pseudo in SEMI:
         port += 2
-        if key.startswith("pgd_8b_sgd"):  # Table 1's run: the same settings there
-            row = next(r for r in rows() if r.key == key)
-            o = [
-                f"train.global_batch_size={row.batch}",
-                f"train.micro_batch_size={row.micro}",
-                *row.overrides,
-            ]
+        if base in SEEDED_FROM_START:  # Table 1's run: the same settings there
+            row = next(r for r in rows() if r.key == run_key(base, 0))
+            _row(a, study, row, port)
         else:
-            o = semi_overrides(labeled, pseudo)
-        _train(a, study, key, o, 2, port)
-        _evaluate(a, study, key, False, port + 1)
-        write_report(a, study.times)
+            _semi(a, study, base, semi_overrides(labeled, pseudo, 0), port)
 
 
-# --tables: each phase's stage function and its argument (Table 1's seed 0, Table 4, the second seeds share one)
+def _semi(a, study: Stages, key: str, overrides: list[str], port: int) -> None:
+    _train(a, study, key, overrides, 2, port)
+    _evaluate(a, study, key, False, port + 1)
+    write_report(a, study.times)
+
+
+# --tables: each phase's stage function and its argument (Table 1's seed 0 and Table 4 share one)
 PHASES = {"1": (table1, 1), "2": (table2, 2), "3": (table3, 3), "4": (table1, 4), "aa": (autoattack, 0),
-          "seeds": (table1, 5)}  # fmt: skip
+          "seeds": (second_seeds, 1)}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -328,6 +367,7 @@ PAIRS = [
     ("pgd_8b_lalr_s{seed}", "pgd_8b_sgd_s{seed}", "LALR's recovery, official baseline: LALR − SGD unscaled"),
     ("pgd_8b_lalr_s{seed}", "pgd_8b_sgdx8_s{seed}", "LALR against dat-ds's baseline: LALR − SGD × 8"),
     ("pgd_8b_lalr_s{seed}", "at_b_s{seed}", "LALR at 8B − AT at B"),
+    ("fgsm_8b_lalr_s{seed}", "pgd_8b_lalr_s{seed}", "DAT-FGSM − DAT-PGD, both LALR"),
 ]
 
 
@@ -337,18 +377,18 @@ CLAIMS = [
           "at_b_s{seed}", "<"),
     Claim("LALR recovers that loss (Table 1)", "pgd_8b_lalr_s{seed}", "pgd_8b_sgd_s{seed}", ">"),
     Claim("DAT-PGD with LALR at 8B is as robust as AT at B (Table 1)", "pgd_8b_lalr_s{seed}", "at_b_s{seed}", "≈"),
-    Claim("DAT-FGSM is about as robust as DAT-PGD, at less cost (Table 1)", "fgsm_8b_lalr", "pgd_8b_lalr_s{seed}", "≈"),
-    Claim("8-bit two-sided aggregation keeps the robustness, paper's quantizer (Table 4)", "pgd_8b_lalr_8-2s-ps-qsgd",
-          "pgd_8b_lalr_32-ps", "≈"),
-    Claim("pseudo-labelled unlabeled data adds robustness to few labels (Table 3)", "semi_pooled", "semi_labeled", ">"),
+    Claim("DAT-FGSM is about as robust as DAT-PGD, at less cost (Table 1)", "fgsm_8b_lalr_s{seed}", "pgd_8b_lalr_s{seed}", "≈"),
+    Claim("8-bit two-sided aggregation keeps the robustness, paper's quantizer (Table 4)", "pgd_8b_lalr_8-2s-ps-qsgd_s{seed}",
+          "pgd_8b_lalr_32-ps_s{seed}", "≈"),
+    Claim("pseudo-labelled unlabeled data adds robustness to few labels (Table 3)", "semi_pooled_s{seed}", "semi_labeled_s{seed}", ">"),
     Claim("dat-ds: with the LR scaled linearly, large-batch SGD keeps AT's robustness", "pgd_8b_sgdx8_s{seed}",
           "at_b_s{seed}", "≈"),
-    Claim("dat-ds: 8-bit two-sided aggregation with dat-ds's quantizer keeps it", "pgd_8b_lalr_8-2s-ps-block",
-          "pgd_8b_lalr_32-ps", "≈"),
-    Claim("dat-ds: 4-bit two-sided aggregation with dat-ds's quantizer keeps it", "pgd_8b_lalr_4-2s-ps-block",
-          "pgd_8b_lalr_32-ps", "≈"),
+    Claim("dat-ds: 8-bit two-sided aggregation with dat-ds's quantizer keeps it", "pgd_8b_lalr_8-2s-ps-block_s{seed}",
+          "pgd_8b_lalr_32-ps_s{seed}", "≈"),
+    Claim("dat-ds: 4-bit two-sided aggregation with dat-ds's quantizer keeps it", "pgd_8b_lalr_4-2s-ps-block_s{seed}",
+          "pgd_8b_lalr_32-ps_s{seed}", "≈"),
     Claim("dat-ds: at 4 bits two-sided, dat-ds's quantizer is more robust than the paper's",
-          "pgd_8b_lalr_4-2s-ps-block", "pgd_8b_lalr_4-2s-ps-qsgd", ">"),
+          "pgd_8b_lalr_4-2s-ps-block_s{seed}", "pgd_8b_lalr_4-2s-ps-qsgd_s{seed}", ">"),
 ]  # fmt: skip
 
 
@@ -361,29 +401,38 @@ def _summaries(a, keys: list[str], times: dict) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def _by_label(chosen: list[Row], done: dict) -> dict[str, list[dict]]:
+    """The finished runs of ``chosen`` grouped by row label (one entry per seed, seed 0 first)."""
+    out: dict[str, list[dict]] = {}
+    for row in sorted(chosen, key=lambda r: r.seed):
+        if row.key in done:
+            out.setdefault(row.label, []).append(done[row.key])
+    return {label: out[label] for label in dict.fromkeys(r.label for r in chosen) if label in out}
+
+
+def _mean(ss: list[dict], k: str) -> float:
+    """The mean of ``k`` over seeds, NaN (a stage not timed) left out."""
+    vals = [x[k] for x in ss if x[k] == x[k]]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
 def write_report(a, times: dict) -> None:
     all_rows = rows()
-    done = _summaries(
-        a, [r.key for r in all_rows] + [k for k, *_ in SEMI if k not in {r.key for r in all_rows}], times
-    )
+    semi_keys = [run_key(base, seed) for base, *_ in SEMI if base not in SEEDED_FROM_START for seed in (0, 1)]
+    done = _summaries(a, [r.key for r in all_rows] + semi_keys, times)
+    for key in [r.key for r in all_rows if r.seed == 0] + semi_keys[
+        ::2
+    ]:  # the claims name every row's seed-0 run
+        if key in done and not key.endswith("_s0"):  # folder with _s{seed}: alias the unsuffixed ones
+            done[f"{key}_s0"] = done[key]
     t1 = ["| method | setting | p×q | batch | steps | TA % | RA % (PGD-50×5) | AA % | C (s/epoch) | T (s/epoch) | seeds | train (s) | PGD eval (s) | AutoAttack (s) |",
           "|" + "---|" * 14]  # fmt: skip
-    by_label: dict[str, list] = {}
-    for row in all_rows:
-        if 1 in row.tables and row.key in done:
-            by_label.setdefault(row.label, []).append((row, done[row.key]))
-    for label, members in by_label.items():
-        row, s = members[0]
-        ss = [m[1] for m in members]
-
-        def mean(k: str, ss: list = ss) -> float:
-            vals = [x[k] for x in ss if x[k] == x[k]]
-            return sum(vals) / len(vals) if vals else float("nan")
-
-        t1.append(f"| {label} | {row.source} | 1×{row.ranks} | {row.batch} | {s['steps']} | {pct([x['TA'] for x in ss])} | "
+    for label, ss in _by_label([r for r in all_rows if 1 in r.tables], done).items():
+        row = next(r for r in all_rows if r.label == label)
+        t1.append(f"| {label} | {row.source} | 1×{row.ranks} | {row.batch} | {ss[0]['steps']} | {pct([x['TA'] for x in ss])} | "
                   f"{pct([x['RA'] for x in ss])} | {pct([x['AA'] for x in ss if x['AA'] is not None] or [None])} | "
-                  f"{mean('C'):.1f} | {mean('T'):.0f} | {len(ss)} | {_s(mean('train_s'))} | {_s(mean('eval_s'))} | "
-                  f"{_s(mean('autoattack_s'))} |")  # fmt: skip
+                  f"{_mean(ss, 'C'):.1f} | {_mean(ss, 'T'):.0f} | {len(ss)} | {_s(_mean(ss, 'train_s'))} | "
+                  f"{_s(_mean(ss, 'eval_s'))} | {_s(_mean(ss, 'autoattack_s'))} |")  # fmt: skip
     paired = [
         "| comparison | seeds | ΔTA per seed | ΔRA per seed (points) | mean ΔRA | spread of ΔRA |",
         "|---|---|---|---|---|---|",
@@ -399,27 +448,23 @@ def write_report(a, times: dict) -> None:
             spread = f"{max(ras) - min(ras):.1f}" if len(ras) > 1 else "–"
             paired.append(f"| {what} | {', '.join(str(s) for s, _, _ in ds)} | {' / '.join(f'{d:+.1f}' for _, d, _ in ds)} | "
                           f"{' / '.join(f'{d:+.1f}' for _, _, d in ds)} | {sum(ras) / len(ras):+.2f} | {spread} |")  # fmt: skip
-    t4 = ["| aggregation | quantizer | TA % | RA % (PGD-50×5) | C (s/epoch) | T (s/epoch) | MB/iter measured | MB/iter theory (b/8 a value) |",
-          "|" + "---|" * 8]  # fmt: skip
-    for row in all_rows:
-        if 4 in row.tables and row.key in done:
-            s = done[row.key]
-            name = (
-                "32-bit ring all-reduce (hpc)"
-                if row.key.startswith("pgd_8b_lalr_s")
-                else row.label.split(", ")[-1]
-            )
-            quant = "—" if "32" in name else ("paper's (qsgd)" if "qsgd" in name else "dat-ds (block)")
-            t4.append(f"| {name} | {quant} | {pct([s['TA']])} | {pct([s['RA']])} | {s['C']:.1f} | {s['T']:.0f} | "
-                      f"{s['MB/iter']:.3f} | {s['theory']:.3f} |")  # fmt: skip
+    t4 = ["| aggregation | quantizer | seeds | TA % | RA % (PGD-50×5) | C (s/epoch) | T (s/epoch) | MB/iter measured | MB/iter theory (b/8 a value) |",
+          "|" + "---|" * 9]  # fmt: skip
+    for label, ss in _by_label([r for r in all_rows if 4 in r.tables], done).items():
+        name = "32-bit ring all-reduce (hpc)" if label.endswith("(official LAMB)") else label.split(", ")[-1]
+        quant = "—" if "32" in name else ("paper's (qsgd)" if "qsgd" in name else "dat-ds (block)")
+        t4.append(f"| {name} | {quant} | {len(ss)} | {pct([x['TA'] for x in ss])} | {pct([x['RA'] for x in ss])} | "
+                  f"{_mean(ss, 'C'):.1f} | {_mean(ss, 'T'):.0f} | {_mean(ss, 'MB/iter'):.3f} | {ss[0]['theory']:.3f} |")  # fmt: skip
     t2 = _table2(a)
-    t3 = ["| training data | steps | TA % | RA % (PGD-50×5) | train (s) |", "|---|---|---|---|---|"]
-    for key, label, *_ in SEMI:
-        if key in done:
-            s = done[key]
-            t3.append(
-                f"| {label} | {s['steps']} | {pct([s['TA']])} | {pct([s['RA']])} | {s['train_s']:.0f} |"
-            )
+    t3 = [
+        "| training data | seeds | steps | TA % | RA % (PGD-50×5) | train (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for base, label, *_ in SEMI:
+        ss = [done[k] for k in (run_key(base, 0), run_key(base, 1)) if k in done]
+        if ss:
+            t3.append(f"| {label} | {len(ss)} | {ss[0]['steps']} | {pct([x['TA'] for x in ss])} | "
+                      f"{pct([x['RA'] for x in ss])} | {_mean(ss, 'train_s'):.0f} |")  # fmt: skip
     stage_times = "\n".join(f"| {k} | {v:.0f} |" for k, v in times.items())
     text = f"""# The paper's claims on CIFAR-10 photographs (2 CPU ranks, this 2-core machine)
 
@@ -520,13 +565,19 @@ def _why(a, done: dict) -> str:
                 f"{len(aa)} rows it ran (AA {min(x for _, x in aa):.1f}–{max(x for _, x in aa):.1f} %); the rows' "
                 "differences under AutoAttack (seed 0) stand beside RA's in the claims table."
             )
-    q4, b4, full = (done.get(f"pgd_8b_lalr_{k}") for k in ("4-2s-ps-qsgd", "4-2s-ps-block", "32-ps"))
-    if q4 and b4 and full:
+    trios = [t for t in ([done.get(run_key(f"pgd_8b_lalr_{k}", seed)) for k in ("4-2s-ps-qsgd", "4-2s-ps-block",
+                                                                             "32-ps")] for seed in (0, 1)) if all(t)]  # fmt: skip
+    if trios:
         largest = max(p.numel() for p in create_model("preact_resnet18_w16", num_classes=10).parameters())
-        d = {k: f"{100 * (s['TA'] - full['TA']):+.1f} TA and {100 * (s['RA'] - full['RA']):+.1f} RA"
-             for k, s in (("q", q4), ("b", b4))}  # fmt: skip
+
+        def moved(i: int) -> str:
+            ta, ra = (sum(100 * (t[i][k] - t[2][k]) for t in trios) / len(trios) for k in ("TA", "RA"))
+            return f"{ta:+.1f} TA and {ra:+.1f} RA"
+
+        d = {"q": moved(0), "b": moved(1)}
+        seeds = f"the mean of {len(trios)} seeds" if len(trios) > 1 else "one seed"
         out += ["", (
-            f"Table 4: against 32 bits, 4-bit two-sided aggregation moved the accuracies by {d['q']} points with the "
+            f"Table 4: against 32 bits ({seeds}), 4-bit two-sided aggregation moved the accuracies by {d['q']} points with the "
             f"paper's quantizer and by {d['b']} with dat-ds's. The paper's quantizer scales a whole gradient tensor by its l2 norm, so at "
             "4 bits most entries round stochastically to 0 or to one level, and the variance this adds grows with "
             f"the tensor's size (Alistarh et al.'s QSGD bound); this model's largest tensor holds {largest:,} values, "
@@ -667,12 +718,14 @@ def plot(a, done: dict) -> None:
         if 4 in row.tables and row.key in done:
             s = done[row.key]
             name = "hpc-32" if row.key.startswith("pgd_8b_lalr_s") else row.label.split(", ")[-1]
-            a4.scatter(s["MB/iter"], 100 * s["RA"], color="C3" if "qsgd" in name else "C0")
-            a4.annotate(
-                name, (s["MB/iter"], 100 * s["RA"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
-            )
+            a4.scatter(s["MB/iter"], 100 * s["RA"], color="C3" if "qsgd" in name else "C0", s=20 if row.seed else 36,
+                       marker="x" if row.seed else "o")  # fmt: skip
+            if row.seed == 0:
+                a4.annotate(
+                    name, (s["MB/iter"], 100 * s["RA"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                )
     a4.set(xscale="log", xlabel="MB per iteration (measured)", ylabel="RA (%)",
-           title="Table 4: RA against bytes (red: paper's quantizer)")  # fmt: skip
+           title="Table 4: RA against bytes (red: paper's quantizer; x: seed 1)")  # fmt: skip
     a4.grid(alpha=0.3)
     import numpy as np
 

@@ -97,7 +97,7 @@ def test_the_cifar10_study_runs_every_phase_it_names_and_refuses_unknown_ones_fi
     monkeypatch.setattr(study, "has_index", lambda path: True)
     monkeypatch.setattr(study, "write_report", lambda a, times: None)
     study.main(["--out", str(tmp_path), "--tables", "aa, seeds,1"])
-    assert calls == [("aa", 0), ("seeds", 5), ("1", 1)]
+    assert calls == [("aa", 0), ("seeds", 1), ("1", 1)]
     calls.clear()
     study.main(["--out", str(tmp_path)])  # the default runs every phase, in the order the help gives
     assert [k for k, _ in calls] == ["1", "2", "3", "4", "aa", "seeds"]
@@ -105,3 +105,37 @@ def test_the_cifar10_study_runs_every_phase_it_names_and_refuses_unknown_ones_fi
     with pytest.raises(SystemExit):
         study.main(["--out", str(tmp_path), "--tables", "1,a"])
     assert calls == []
+
+
+def test_a_cifar10_second_seed_changes_only_the_seed_and_every_claim_names_runs_the_study_makes():
+    """A seed-1 row is its seed-0 row with ``train.seed`` changed and a run folder of its own; the rows seeded late
+    keep their seed-0 folders (so a resumed study skips them), and every claim's two keys at both seeds name a run
+    the study trains (seed 0's unsuffixed folders under their ``_s0`` alias)."""
+    import bench.cifar10_tables as study
+
+    rows = study.rows()
+    keys = [r.key for r in rows]
+    assert len(set(keys)) == len(keys)
+    first = {r.label: r for r in rows if r.seed == 0}
+    seconds = [r for r in rows if r.seed == 1]
+    assert {r.label for r in seconds} >= {first["DAT-FGSM 8B, LALR (official LAMB)"].label}
+    for r in seconds:
+        f = first[r.label]
+        assert (r.ranks, r.batch, r.micro, r.overrides, r.tables) == (
+            f.ranks,
+            f.batch,
+            f.micro,
+            f.overrides,
+            f.tables,
+        )
+        assert study._row_overrides(r) == [
+            o.replace("train.seed=0", "train.seed=1") for o in study._row_overrides(f)
+        ]
+        assert r.key != f.key and r.key.endswith("_s1")
+    s0, s1 = (study.semi_overrides("cifar10_l400", "cifar10_pseudo", seed) for seed in (0, 1))
+    assert [o for o in s1 if o != "train.seed=1"] == [o for o in s0 if o != "train.seed=0"] and s0 != s1
+    made = set(keys) | {study.run_key(b, seed) for b, *_ in study.SEMI for seed in (0, 1)}
+    for c in study.CLAIMS:
+        for seed in (0, 1):
+            for k in (c.a.format(seed=seed), c.b.format(seed=seed)):
+                assert k in made or (k.endswith("_s0") and k[: -len("_s0")] in made), (c.text, k)
