@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -281,9 +282,7 @@ def table1(a, study: Stages, t: int) -> None:
 
 
 def _row(a, study: Stages, row: Row, port: int) -> None:
-    _train(a, study, row.key, _row_overrides(row), row.ranks, port)
-    _evaluate(a, study, row.key, False, port + 1)
-    write_report(a, study.times)
+    _train_and_evaluate(a, study, row.key, _row_overrides(row), row.ranks, port)
 
 
 def second_seeds(a, study: Stages, t: int) -> None:
@@ -297,7 +296,7 @@ def second_seeds(a, study: Stages, t: int) -> None:
     for base, _, labeled, pseudo in SEMI:
         if base not in SEEDED_FROM_START:
             port += 2
-            _semi(a, study, run_key(base, 1), semi_overrides(labeled, pseudo, 1), port)
+            _train_and_evaluate(a, study, run_key(base, 1), semi_overrides(labeled, pseudo, 1), 2, port)
     for row in [r for r in later if 1 not in r.tables]:
         port += 2
         _row(a, study, row, port)
@@ -344,11 +343,11 @@ def table3(a, study: Stages, t: int) -> None:
             row = next(r for r in rows() if r.key == run_key(base, 0))
             _row(a, study, row, port)
         else:
-            _semi(a, study, base, semi_overrides(labeled, pseudo, 0), port)
+            _train_and_evaluate(a, study, base, semi_overrides(labeled, pseudo, 0), 2, port)
 
 
-def _semi(a, study: Stages, key: str, overrides: list[str], port: int) -> None:
-    _train(a, study, key, overrides, 2, port)
+def _train_and_evaluate(a, study: Stages, key: str, overrides: list[str], ranks: int, port: int) -> None:
+    _train(a, study, key, overrides, ranks, port)
     _evaluate(a, study, key, False, port + 1)
     write_report(a, study.times)
 
@@ -420,11 +419,8 @@ def write_report(a, times: dict) -> None:
     all_rows = rows()
     semi_keys = [run_key(base, seed) for base, *_ in SEMI if base not in SEEDED_FROM_START for seed in (0, 1)]
     done = _summaries(a, [r.key for r in all_rows] + semi_keys, times)
-    for key in [r.key for r in all_rows if r.seed == 0] + semi_keys[
-        ::2
-    ]:  # the claims name every row's seed-0 run
-        if key in done and not key.endswith("_s0"):  # folder with _s{seed}: alias the unsuffixed ones
-            done[f"{key}_s0"] = done[key]
+    for key in [k for k in done if not re.search(r"_s\d+$", k)]:  # the claims name a row's seed-0 run ..._s0
+        done[f"{key}_s0"] = done[key]
     t1 = ["| method | setting | p×q | batch | steps | TA % | RA % (PGD-50×5) | AA % | C (s/epoch) | T (s/epoch) | seeds | train (s) | PGD eval (s) | AutoAttack (s) |",
           "|" + "---|" * 14]  # fmt: skip
     for label, ss in _by_label([r for r in all_rows if 1 in r.tables], done).items():
@@ -572,8 +568,13 @@ def _why(a, done: dict) -> str:
                 f"{len(aa)} rows it ran (AA {min(x for _, x in aa):.1f}–{max(x for _, x in aa):.1f} %); the rows' "
                 "differences under AutoAttack (seed 0) stand beside RA's in the claims table."
             )
-    trios = [t for t in ([done.get(run_key(f"pgd_8b_lalr_{k}", seed)) for k in ("4-2s-ps-qsgd", "4-2s-ps-block",
-                                                                             "32-ps")] for seed in (0, 1)) if all(t)]  # fmt: skip
+    trios = []  # (4-bit paper's, 4-bit dat-ds's, 32-bit) at each seed where all three have run
+    for seed in (0, 1):
+        trio = [
+            done.get(run_key(f"pgd_8b_lalr_{k}", seed)) for k in ("4-2s-ps-qsgd", "4-2s-ps-block", "32-ps")
+        ]
+        if all(trio):
+            trios.append(trio)
     if trios:
         largest = max(p.numel() for p in create_model("preact_resnet18_w16", num_classes=10).parameters())
 
@@ -594,8 +595,8 @@ def _why(a, done: dict) -> str:
     pl = DATA / "cifar10_pseudo" / PSEUDO_LABEL_JSON
     if "semi_pooled" in done and "semi_labeled" in done and pl.is_file():
         acc = json.loads(pl.read_text()).get("accuracy_vs_heldout_labels")
-        pairs = [(done[r], done[x]) for r, x in (("pgd_8b_sgd_s0", "semi_labeled"), ("pgd_8b_sgd_s1", "semi_labeled_s1"))
-                 if r in done and x in done]  # fmt: skip
+        keys = [(run_key("pgd_8b_sgd", seed), run_key("semi_labeled", seed)) for seed in (0, 1)]
+        pairs = [(done[r], done[x]) for r, x in keys if r in done and x in done]
         gap = f"{sum(100 * (r['RA'] - x['RA']) for r, x in pairs) / len(pairs):+.1f}" if pairs else "–"
         gap += f" (the mean of {len(pairs)} seeds)" if len(pairs) > 1 else ""
         out += ["", (
